@@ -1,0 +1,176 @@
+"""Run profiles: one typed config per scale (``smoke``, ``cpu``, ``gpu``).
+
+A chapter calls :func:`get_profile` in its first cell with the ``profile`` parameter
+(and any overrides from its parameters cell). Chapter-specific sizes derive from the
+profile in the chapter's own model module, so that every size knob has one home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvqa_lib.errors import ConfigError, unknown_name
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEXT_BACKBONES = ("auto", "tiny", "minilm", "bert-base-uncased")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The scale of a run. Every field can be overridden from a notebook's parameters cell."""
+
+    name: str
+    description: str
+    #: synthetic generator sizes (the embedded default data)
+    synthetic_images: int
+    synthetic_labelled: int
+    image_size: int
+    #: "tiny" (random, 2 layers), "minilm" (offline pretrained), "bert-base-uncased" (hub)
+    text_backbone: str
+    #: hard cap on training questions per dataset (None = all)
+    max_train_samples: int | None
+    #: cap on evaluated questions per split (None = all)
+    max_eval_samples: int | None
+    batch_size: int
+    pretrain_epochs: int
+    finetune_epochs: int
+    seeds: tuple[int, ...]
+    bootstrap_resamples: int
+    precision: str = "auto"
+    #: real datasets to use when a data folder is given (or the hub is reachable on ``gpu``)
+    real_datasets: tuple[str, ...] = ("vqa-rad", "slake")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **overrides: Any) -> Profile:
+        """A copy with ``overrides`` applied and validated."""
+        return _validated(dataclasses.replace(self, **_check_keys(overrides)))
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="tiny models, a few steps, synthetic data: seconds per notebook (CI)",
+        synthetic_images=120,
+        synthetic_labelled=40,
+        image_size=64,
+        text_backbone="tiny",
+        max_train_samples=256,
+        max_eval_samples=128,
+        batch_size=16,
+        pretrain_epochs=1,
+        finetune_epochs=1,
+        seeds=(0,),
+        bootstrap_resamples=200,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="a 2-core laptop: small models, MiniLM text side, minutes per chapter",
+        synthetic_images=2000,
+        synthetic_labelled=500,
+        image_size=128,
+        text_backbone="minilm",
+        max_train_samples=None,
+        max_eval_samples=None,
+        batch_size=32,
+        pretrain_epochs=4,
+        finetune_epochs=10,
+        seeds=(0, 1, 2),
+        bootstrap_resamples=1000,
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description="the papers' own model sizes and schedules (Colab GPU and up)",
+        synthetic_images=20000,
+        synthetic_labelled=5000,
+        image_size=224,
+        text_backbone="auto",
+        max_train_samples=None,
+        max_eval_samples=None,
+        batch_size=32,
+        pretrain_epochs=40,
+        finetune_epochs=40,
+        seeds=(0, 1, 2),
+        bootstrap_resamples=2000,
+        precision="auto",
+    ),
+}
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """The profile called ``name`` with ``overrides`` applied.
+
+    Raises :class:`~medvqa_lib.errors.UnknownNameError` for an unknown name and
+    :class:`~medvqa_lib.errors.ConfigError` for an unknown or out-of-range override.
+    Overrides whose value is ``None`` are ignored (a parameters cell's "keep the default").
+    """
+    if isinstance(name, Profile):
+        return name.replace(**{k: v for k, v in overrides.items() if v is not None})
+    key = str(name).strip().lower()
+    if key not in PROFILES:
+        raise unknown_name("profile", name, PROFILES)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return PROFILES[key].replace(**overrides)
+
+
+def _check_keys(overrides: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(Profile)} - {"name", "description"}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ConfigError(
+            f"unknown profile parameter(s) {', '.join(bad)}; valid ones are: {', '.join(sorted(names))}"
+        )
+    if "seeds" in overrides:
+        seeds = overrides["seeds"]
+        overrides["seeds"] = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    if "real_datasets" in overrides:
+        overrides["real_datasets"] = tuple(overrides["real_datasets"])
+    return overrides
+
+
+def _validated(p: Profile) -> Profile:
+    positive = ("synthetic_images", "image_size", "batch_size", "bootstrap_resamples")
+    for name in positive:
+        value = getattr(p, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"profile parameter {name} must be a positive integer, got {value!r}")
+    for name in ("pretrain_epochs", "finetune_epochs", "synthetic_labelled"):
+        value = getattr(p, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"profile parameter {name} must be an integer >= 0, got {value!r}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(p, name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"profile parameter {name} must be None or a positive integer, got {value!r}")
+    if p.image_size % 16:
+        raise ConfigError(f"profile parameter image_size must be a multiple of 16 (patch size), got {p.image_size}")
+    if p.precision not in PRECISIONS:
+        raise ConfigError(f"profile parameter precision must be one of {PRECISIONS}, got {p.precision!r}")
+    if p.text_backbone not in TEXT_BACKBONES:
+        raise ConfigError(
+            f"profile parameter text_backbone must be one of {TEXT_BACKBONES}, got {p.text_backbone!r}"
+        )
+    if not p.seeds or not all(isinstance(s, int) for s in p.seeds):
+        raise ConfigError(f"profile parameter seeds must be a non-empty list of integers, got {p.seeds!r}")
+    return p
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The real-data folder: ``data_dir`` if given, else ``$MEDVQA_DATA_DIR``, else None.
+
+    The strings ``"synthetic"`` and ``""`` mean "no real data" (the embedded default).
+    A given folder that does not exist is an error, not a silent fallback.
+    """
+    value = data_dir if data_dir is not None else os.environ.get("MEDVQA_DATA_DIR")
+    if value is None or str(value).strip() in ("", "synthetic", "none", "None"):
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"data folder {path} does not exist; pass the folder that holds vqa_rad/ and slake/ "
+            "(or data_dir='synthetic' for the embedded synthetic data)"
+        )
+    return path.resolve()

@@ -1,0 +1,85 @@
+"""Figures shared by the chapters (matplotlib + seaborn, one function per figure)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from medvqa_lib.data.schema import VQASample
+
+
+def use_book_style() -> None:
+    """One plotting style for the whole book."""
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.bbox": "tight", "axes.titleweight": "bold"})
+
+
+def plot_question_types(counts: pd.DataFrame, split: str = "train") -> plt.Figure:
+    """Bar chart of questions per type (closed/open stacked by hue), one panel per dataset.
+
+    ``counts`` is :func:`medvqa_lib.data.stats.question_type_counts`.
+    """
+    data = counts[counts["split"] == split]
+    datasets = list(dict.fromkeys(data["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        sub = data[data["dataset"] == name]
+        order = sub.groupby("question_type")["count"].sum().sort_values(ascending=False).index
+        sns.barplot(sub, y="question_type", x="count", hue="answer_type", order=order,
+                    hue_order=["closed", "open"], ax=ax)
+        ax.set_title(f"{name} ({split})")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_answer_long_tail(freqs: dict[str, pd.Series]) -> plt.Figure:
+    """Rank–frequency of answers (log–log) per dataset, with the top-10 share annotated."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, series in freqs.items():
+        counts = series.to_numpy()
+        share = 100.0 * counts[:10].sum() / counts.sum()
+        ax.loglog(np.arange(1, len(counts) + 1), counts, marker=".", lw=1,
+                  label=f"{name}: {len(counts)} answers, top-10 = {share:.0f}% of questions")
+    ax.set_xlabel("answer rank")
+    ax.set_ylabel("questions with this answer")
+    ax.legend(fontsize=8)
+    ax.set_title("The answer long tail")
+    return fig
+
+
+def show_samples(samples: list[VQASample], n: int = 8, ncols: int = 4, seed: int = 0,
+                 predictions: dict[str, str] | None = None) -> plt.Figure:
+    """A grid of images with their question, answer (and a prediction, if given)."""
+    rng = np.random.default_rng(seed)
+    chosen = [samples[i] for i in rng.choice(len(samples), size=min(n, len(samples)), replace=False)]
+    nrows = int(np.ceil(len(chosen) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, s in zip(axes.ravel(), chosen):
+        ax.imshow(s.load_image(), cmap="gray")
+        text = f"Q: {s.question}\nA: {s.answer} ({s.answer_type})"
+        if predictions is not None:
+            text += f"\nPred: {predictions.get(s.qid, '—')}"
+        ax.set_title("\n".join(textwrap.wrap(text, 34, replace_whitespace=False)), fontsize=8,
+                     loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_by_group(table: pd.DataFrame, value: str = "overall_acc",
+                           title: str = "") -> plt.Figure:
+    """Horizontal bars of an accuracy column per group (index), with n in the labels."""
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(table) + 1.2))
+    labels = [f"{idx} (n={int(n)})" for idx, n in zip(table.index, table["n"])]
+    ax.barh(labels, table[value])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"{value} (%)")
+    ax.invert_yaxis()
+    ax.set_title(title)
+    return fig

@@ -1,0 +1,51 @@
+import pytest
+
+from medvqa_lib.config import PROFILES, get_profile, resolve_data_dir
+from medvqa_lib.errors import ConfigError, UnknownNameError
+
+
+def test_profiles_scale_up():
+    smoke, cpu, gpu = (PROFILES[n] for n in ("smoke", "cpu", "gpu"))
+    assert smoke.synthetic_images < cpu.synthetic_images < gpu.synthetic_images
+    assert smoke.image_size <= cpu.image_size <= gpu.image_size
+    assert len(cpu.seeds) >= 3 and len(gpu.seeds) >= 3
+
+
+def test_unknown_profile_lists_choices():
+    with pytest.raises(UnknownNameError, match="unknown profile 'laptop'; choose one of: cpu, gpu, smoke"):
+        get_profile("laptop")
+
+
+def test_overrides_apply_and_none_keeps_default():
+    p = get_profile("smoke", image_size=32, synthetic_images=None, seeds=[1, 2])
+    assert p.image_size == 32 and p.seeds == (1, 2)
+    assert p.synthetic_images == PROFILES["smoke"].synthetic_images
+    assert PROFILES["smoke"].image_size == 64  # the registry is not mutated
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batchsize": 3}, "unknown profile parameter\\(s\\) batchsize"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"image_size": 100}, "image_size must be a multiple of 16"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"max_train_samples": -1}, "max_train_samples must be None or a positive integer"),
+        ({"text_backbone": "gpt"}, "text_backbone must be one of"),
+    ],
+)
+def test_bad_parameters_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        get_profile("cpu", **overrides)
+
+
+def test_resolve_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDVQA_DATA_DIR", raising=False)
+    assert resolve_data_dir(None) is None
+    assert resolve_data_dir("synthetic") is None
+    assert resolve_data_dir(tmp_path) == tmp_path.resolve()
+    monkeypatch.setenv("MEDVQA_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path.resolve()
+    assert resolve_data_dir("synthetic") is None  # an explicit choice wins over the variable
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_data_dir(tmp_path / "missing")
