@@ -26,7 +26,7 @@ def plot_question_types(counts: pd.DataFrame, split: str = "train") -> plt.Figur
     data = counts[counts["split"] == split]
     datasets = list(dict.fromkeys(data["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, name in zip(axes[0], datasets):
+    for ax, name in zip(axes[0], datasets, strict=True):
         sub = data[data["dataset"] == name]
         order = sub.groupby("question_type")["count"].sum().sort_values(ascending=False).index
         sns.barplot(sub, y="question_type", x="count", hue="answer_type", order=order,
@@ -61,7 +61,7 @@ def show_samples(samples: list[VQASample], n: int = 8, ncols: int = 4, seed: int
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.9 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, s in zip(axes.ravel(), chosen):
+    for ax, s in zip(axes.ravel(), chosen, strict=False):
         ax.imshow(s.load_image(), cmap="gray")
         text = f"Q: {s.question}\nA: {s.answer} ({s.answer_type})"
         if predictions is not None:
@@ -76,7 +76,7 @@ def plot_accuracy_by_group(table: pd.DataFrame, value: str = "overall_acc",
                            title: str = "") -> plt.Figure:
     """Horizontal bars of an accuracy column per group (index), with n in the labels."""
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(table) + 1.2))
-    labels = [f"{idx} (n={int(n)})" for idx, n in zip(table.index, table["n"])]
+    labels = [f"{idx} (n={int(n)})" for idx, n in zip(table.index, table["n"], strict=True)]
     ax.barh(labels, table[value])
     ax.set_xlim(0, 100)
     ax.set_xlabel(f"{value} (%)")
