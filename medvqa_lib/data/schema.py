@@ -6,8 +6,9 @@ Every loader (synthetic, VQA-RAD, SLAKE, PathVQA, hub copies) returns a list of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from PIL import Image
 
