@@ -141,7 +141,7 @@ def reproduce(profile: str = "cpu", data: str | None = "synthetic", only: str | 
     build_root = root / "_build"
     notebooks = select_notebooks(toc_notebooks(root), only)
     env_backup = dict(os.environ)
-    os.environ.update({"MEDVQA_PROGRESS": "0", "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
+    os.environ.update({"MEDVQA_PROGRESS": "0", "TQDM_DISABLE": "1",
                        "MEDVQA_OUTPUT_DIR": str(build_root / "results" / profile),
                        "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
     params = {"profile": profile, "data_dir": str(data_dir) if data_dir else "synthetic"}

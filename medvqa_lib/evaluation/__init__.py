@@ -9,7 +9,12 @@ from medvqa_lib.evaluation.aggregate import (
     results_table,
 )
 from medvqa_lib.evaluation.answers import UNK, AnswerVocabulary, coverage
-from medvqa_lib.evaluation.bootstrap import bootstrap_ci, paired_bootstrap, summarize_with_ci
+from medvqa_lib.evaluation.bootstrap import (
+    bootstrap_ci,
+    format_ci_table,
+    paired_bootstrap,
+    summarize_with_ci,
+)
 from medvqa_lib.evaluation.guards import ensure_splits, split_counts
 from medvqa_lib.evaluation.metrics import (
     exact_match,
@@ -33,6 +38,7 @@ __all__ = [
     "coverage",
     "ensure_splits",
     "exact_match",
+    "format_ci_table",
     "format_mean_std",
     "normalize_answer",
     "normalized_tokens",

@@ -194,3 +194,29 @@ def paired_bootstrap(
         "p_value": float(min(1.0, p_value)),
         "n": int(diffs.size),
     }
+
+
+CI_METRICS = {"closed_acc": "closed", "open_acc": "open", "open_recall": "open recall",
+              "overall_acc": "overall"}
+
+
+def format_ci_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """A readable copy of a :func:`summarize_with_ci` table: ``"49.3 [43.0, 55.5]"`` per metric.
+
+    Keeps the question counts, drops index levels without a name (pandas' default 0, 1, …).
+    """
+    frame = table.copy()
+    unnamed = [i for i, name in enumerate(frame.index.names) if name is None]
+    if unnamed and frame.index.nlevels > 1:
+        frame = frame.droplevel(unnamed)
+    out = pd.DataFrame(index=frame.index)
+    for col in ("n", "n_closed", "n_open"):
+        if col in frame:
+            out[col] = frame[col].astype(int)
+    for col, label in CI_METRICS.items():
+        if col in frame:
+            out[label] = [
+                "—" if np.isnan(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                for v, lo, hi in zip(frame[col], frame[f"{col}_low"], frame[f"{col}_high"], strict=True)
+            ]
+    return out
