@@ -136,6 +136,27 @@ for name, splits in suite.items():
     fig.suptitle(f"{name}: training examples", y=1.02)
 
 # %% [markdown]
+# ### Attribute-labelled images
+#
+# Besides question–answer pairs, MISS's TransCap needs *single-modality* images with labels
+# (no text), from which it writes captions. The synthetic generator ships a separate pool of
+# chest X-rays labelled like the RSNA pneumonia challenge; on real data, SLAKE's own organ and
+# lesion boxes (`detection.json`) play that role, for training-split images only.
+
+# %%
+from medvqa_lib.data.synthetic import load_synthetic_labelled
+
+labelled = {"synthetic X-rays": load_synthetic_labelled(n_labelled=prof.synthetic_labelled,
+                                                        image_size=prof.image_size, seed=seed)}
+if root is not None and "slake" in suite:
+    from medvqa_lib.data import load_slake_detection
+
+    labelled["SLAKE boxes (train)"] = load_slake_detection("train", root=root)
+pd.DataFrame({name: {"images": len(items), "example attributes": str(
+    {k: v for k, v in items[0].attributes.items() if k != "boxes"})[:150]}
+    for name, items in labelled.items()}).T
+
+# %% [markdown]
 # ## The evaluation protocol
 #
 # **Normalisation.** Answers and predictions pass through one function,

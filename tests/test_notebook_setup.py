@@ -1,0 +1,47 @@
+import pytest
+
+from medvqa_lib import notebook
+from medvqa_lib.errors import ConfigError, UnknownNameError
+
+
+def test_setup_prints_versions_device_and_profile(capsys):
+    prof = notebook.setup("smoke", seed=3, image_size=None)
+    out = capsys.readouterr().out
+    assert prof.name == "smoke"
+    assert "torch" in out and "transformers" in out and "medvqa-lib" in out
+    assert "device: cpu" in out and "seed: 3" in out
+    assert "profile: smoke" in out
+
+
+def test_setup_rejects_bad_profile_and_parameters():
+    with pytest.raises(UnknownNameError, match="choose one of: cpu, gpu, smoke"):
+        notebook.setup("fast")
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        notebook.setup("cpu", batch_size=-4)
+
+
+def test_setup_seeds_torch():
+    import torch
+
+    notebook.setup("smoke", seed=7)
+    a = torch.rand(3)
+    notebook.setup("smoke", seed=7)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_colab_without_gpu_warns(monkeypatch):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
+    with pytest.warns(UserWarning, match="Colab is running without a GPU"):
+        notebook.setup("cpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_profile_without_cuda_warns():
+    with pytest.warns(UserWarning, match="profile 'gpu' on a machine without CUDA"):
+        notebook.setup("gpu")
+
+
+def test_output_dir_honours_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVQA_OUTPUT_DIR", str(tmp_path))
+    path = notebook.output_dir("chapter")
+    assert path == tmp_path / "chapter" and path.is_dir()
