@@ -1,0 +1,1 @@
+"""Training recipes shared by the chapters: pre-train, fine-tune, answer, score over seeds."""

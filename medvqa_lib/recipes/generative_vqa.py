@@ -1,0 +1,212 @@
+"""Pre-train, fine-tune and answer with a generative VQA model (MISS, M2I2).
+
+A model here is any ``nn.Module`` that
+
+* takes a batch dict in ``model(batch)`` and returns ``{"loss": ..., "loss_*": ...}``
+  (VQA batches have ``answer_ids``; caption batches have ``caption_ids``), and
+* has ``generate(images, question_ids, question_mask, max_new_tokens, num_beams)``
+  returning answer token ids.
+
+Images are decoded and resized once per distinct image (:class:`ImageCache`), which makes
+CPU epochs over VQA-RAD (314 images) and SLAKE (642) cheap. Answers are free text: there is no
+answer list anywhere in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from medvqa_lib.data.dataset import CaptionCollator, VQACollator
+from medvqa_lib.data.schema import CaptionSample, VQASample
+from medvqa_lib.evaluation import ensure_splits, score_predictions, summarize
+from medvqa_lib.training import TrainConfig, Trainer, TrainResult
+
+
+class ImageCache:
+    """Each distinct image decoded once, resized to ``image_size``, kept as uint8."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, sample: VQASample | CaptionSample) -> torch.Tensor:
+        """The ``3 x S x S`` float image of ``sample``, normalised to mean/std 0.5."""
+        key = sample.image_id
+        if key not in self._cache:
+            image = sample.load_image().resize((self.image_size, self.image_size))
+            array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            self._cache[key] = array.view(self.image_size, self.image_size, 3).permute(2, 0, 1).clone()
+        return self._cache[key].float().div_(127.5).sub_(1.0)
+
+
+class CachedVQADataset(Dataset):
+    """VQA samples as the dicts :class:`~medvqa_lib.data.dataset.VQACollator` expects."""
+
+    def __init__(self, samples: Sequence[VQASample], cache: ImageCache) -> None:
+        self.samples, self.cache = list(samples), cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        return {"image": self.cache.get(s), "question": s.question, "answer": s.answer,
+                "qid": s.qid, "answer_type": s.answer_type, "question_type": s.question_type}
+
+
+class CachedCaptionDataset(Dataset):
+    """Caption samples as the dicts :class:`~medvqa_lib.data.dataset.CaptionCollator` expects.
+
+    ``captions`` is a sequence of :class:`CaptionSample`; if it has ``set_epoch`` (TransCap's
+    re-sampled captions) each epoch sees new wording.
+    """
+
+    def __init__(self, captions: Any, cache: ImageCache) -> None:
+        self.captions, self.cache, self.epoch = captions, cache, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch and hasattr(self.captions, "set_epoch"):
+            self.captions.set_epoch(epoch)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.captions[i]
+        return {"image": self.cache.get(s), "caption": s.caption, "image_id": s.image_id}
+
+
+@dataclass
+class StageSettings:
+    """One training stage (pre-training or fine-tuning)."""
+
+    epochs: int
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    max_text_len: int = 32
+    max_answer_len: int = 10
+    num_beams: int = 3
+    max_new_tokens: int = 10
+    eval_limit: int | None = 256
+    precision: str = "auto"
+    seed: int = 0
+    out_dir: str | Path = "runs/stage"
+    progress: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def train_config(self, select_metric: str) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                           schedule=self.schedule, precision=self.precision, seed=self.seed,
+                           out_dir=str(self.out_dir), select_metric=select_metric,
+                           progress=self.progress, log_every=20)
+
+
+def decode_answers(tokenizer: Any, token_ids: list[list[int]]) -> list[str]:
+    """Generated ids → answer strings (special tokens dropped, WordPiece joined)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, samples: Sequence[VQASample], tokenizer: Any,
+            cache: ImageCache, *, batch_size: int = 32, num_beams: int = 3,
+            max_new_tokens: int = 10, max_question_len: int = 32) -> dict[str, str]:
+    """Generated answers keyed by question id (free text; no answer list)."""
+    device = next(model.parameters()).device
+    collate = VQACollator(tokenizer, max_question_len=max_question_len)
+    dataset = CachedVQADataset(samples, cache)
+    answers: dict[str, str] = {}
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        ids = model.generate(batch["images"].to(device), batch["question_ids"].to(device),
+                             batch["question_mask"].to(device), max_new_tokens=max_new_tokens,
+                             num_beams=num_beams)
+        answers.update(zip(batch["qids"], decode_answers(tokenizer, ids), strict=True))
+    return answers
+
+
+def validation_fn(model: torch.nn.Module, val: Sequence[VQASample], tokenizer: Any,
+                  cache: ImageCache, settings: StageSettings) -> Callable[[torch.nn.Module], dict]:
+    """An ``evaluate_fn`` for the training loop: greedy answers on validation questions.
+
+    It refuses test questions (model selection on validation data only) and carries
+    ``split = "val"`` so the loop can check it.
+    """
+    ensure_splits(val, {"val"}, "model selection")
+    subset = list(val)[: settings.eval_limit] if settings.eval_limit else list(val)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        preds = predict(m, subset, tokenizer, cache, num_beams=1,
+                        max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
+        row = summarize(score_predictions(subset, preds)).iloc[0]
+        return {"val_acc": float(row["overall_acc"]), "val_closed": float(row["closed_acc"]),
+                "val_open": float(row["open_acc"])}
+
+    evaluate.split = "val"  # type: ignore[attr-defined]
+    return evaluate
+
+
+def finetune_vqa(model: torch.nn.Module, train: Sequence[VQASample], val: Sequence[VQASample],
+                 tokenizer: Any, cache: ImageCache, settings: StageSettings,
+                 on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
+    """Fine-tune with the LM loss on answers; keep the best epoch by validation accuracy."""
+    ensure_splits(train, {"train"}, "training")
+    trainer = Trainer(model, settings.train_config("val_acc"), CachedVQADataset(train, cache),
+                      collate_fn=VQACollator(tokenizer, settings.max_text_len, settings.max_answer_len),
+                      evaluate_fn=validation_fn(model, val, tokenizer, cache, settings),
+                      on_step=on_step)
+    result = trainer.fit()
+    trainer.load_best()
+    return result
+
+
+def pretrain(model: torch.nn.Module, captions: Any, tokenizer: Any, cache: ImageCache,
+             settings: StageSettings) -> TrainResult:
+    """Pre-train on image–caption pairs with the model's own objectives (lowest loss kept).
+
+    There is no validation signal for pre-training here: the last epoch is kept.
+    """
+    dataset = CachedCaptionDataset(captions, cache)
+
+    def on_step(trainer: Trainer) -> None:
+        dataset.set_epoch(trainer.epoch)
+
+    trainer = Trainer(model, settings.train_config("train_loss"), dataset,
+                      collate_fn=CaptionCollator(tokenizer, settings.max_text_len),
+                      evaluate_fn=None, on_step=on_step)
+    return trainer.fit()
+
+
+class CaptionMix:
+    """Several caption sources as one sequence (e.g. image–caption pairs + TransCap)."""
+
+    def __init__(self, *sources: Any) -> None:
+        self.sources = [s for s in sources if len(s)]
+        self._offsets = [0]
+        for s in self.sources:
+            self._offsets.append(self._offsets[-1] + len(s))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getitem__(self, i: int) -> CaptionSample:
+        for k, source in enumerate(self.sources):
+            if i < self._offsets[k + 1]:
+                return source[i - self._offsets[k]]
+        raise IndexError(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.sources:
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
