@@ -3,7 +3,12 @@
 The step is the full one the book runs: ITC with momentum encoders and queues, ITM with hard
 negatives, the decoder's masked-token loss, backward, AdamW. Sizes: 128 px images, a 384-d
 6-layer ViT (patch 16), the 6-layer MiniLM text stack with cross-attention in every layer and
-its weight-shared decoder, batch 16, captions of 10-30 tokens padded to 30.
+its weight-shared decoder, batch 16, captions of 10-30 tokens padded to 30 (``--full-length``:
+all 30 tokens).
+
+glibc is asked to keep freed memory (``--default-malloc`` turns this off): otherwise every
+step page-faults its large tensors in afresh, which costs 5-20 % here. The CSV row also holds
+the GEMM speed measured next to the run, since this shared machine's speed varies over time.
 
     python benchmarks/pretrain_step.py            # prints samples/s, appends to the CSV
     python benchmarks/pretrain_step.py --profile  # also prints the slowest operators
@@ -12,6 +17,7 @@ its weight-shared decoder, batch 16, captions of 10-30 tokens padded to 30.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -50,10 +56,34 @@ def _foreign_cores(t0: float, start: tuple[float, float] | None) -> float | None
     return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (time.perf_counter() - t0)
 
 
-def make_batch(model, batch_size: int, seq_len: int, image_size: int, seed: int = 0) -> dict:
+def keep_freed_memory() -> bool:
+    """glibc: serve big blocks from the heap and never trim it, so freed tensors are reused."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def gemm_gflops(reps: int = 20) -> float:
+    """Median GFLOP/s of a (1440 x 384) @ (384 x 1536) fp32 product, the step's typical GEMM."""
+    a, b = torch.randn(1440, 384), torch.randn(384, 1536)
+    times = []
+    for _ in range(reps + 3):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 1440 * 384 * 1536 / sorted(times[3:])[reps // 2] / 1e9
+
+
+def make_batch(model, batch_size: int, seq_len: int, image_size: int, seed: int = 0,
+               full_length: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = model.ids
     lengths = torch.randint(10, seq_len + 1, (batch_size,), generator=g)
+    if full_length:
+        lengths.fill_(seq_len)
     input_ids = torch.randint(1000, ids.vocab_size, (batch_size, seq_len), generator=g)
     mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
     input_ids[:, 0] = ids.cls
@@ -74,10 +104,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timing blocks at most; stops at the first one without foreign CPU load")
     ap.add_argument("--objective", choices=("mlm", "lm"), default="mlm")
+    ap.add_argument("--full-length", action="store_true", help="captions of seq-len tokens, no padding")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is")
     ap.add_argument("--profile", action="store_true", help="print the slowest operators")
     ap.add_argument("--no-record", action="store_true", help="do not write the CSV")
     args = ap.parse_args()
 
+    malloc_tuned = not args.default_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -85,7 +118,8 @@ def main() -> None:
     model = build_miss(config).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
                             weight_decay=0.05, fused=True)
-    batches = [make_batch(model, args.batch_size, args.seq_len, config.image_size, seed=i) for i in range(4)]
+    batches = [make_batch(model, args.batch_size, args.seq_len, config.image_size, seed=i,
+                          full_length=args.full_length) for i in range(4)]
 
     def step(i: int) -> float:
         out = model(batches[i % len(batches)])
@@ -96,6 +130,7 @@ def main() -> None:
 
     for i in range(args.warmup):
         step(i)
+    gflops = gemm_gflops()
     blocks = []
     for _ in range(args.repeats):  # repeat when other processes took CPU time during the block
         t0, busy0 = time.perf_counter(), _cpu_seconds()
@@ -113,8 +148,10 @@ def main() -> None:
     for i, (ts, fc) in enumerate(blocks):
         print(f"block {i}: {args.batch_size * len(ts) / sum(ts):.2f} samples/s, other processes used "
               f"{'?' if fc is None else f'{fc:.2f}'} cores")
+    gflops = (gflops + gemm_gflops()) / 2
     print(f"MISS pre-training step: {sps:.2f} samples/s (mean {sum(times) / len(times) * 1e3:.0f} ms, "
-          f"median {median * 1e3:.0f} ms per step of {args.batch_size}; {args.threads} threads)")
+          f"median {median * 1e3:.0f} ms per step of {args.batch_size}; {args.threads} threads; "
+          f"GEMM reference {gflops:.0f} GFLOP/s; malloc tuned: {malloc_tuned})")
     if foreign is not None and foreign >= QUIET_CORES:
         print(f"warning: other processes used {foreign:.2f} cores during the measurement; repeat it")
 
@@ -131,6 +168,8 @@ def main() -> None:
             "samples_per_s": round(sps, 3), "median_step_ms": round(median * 1e3, 1),
             "batch_size": args.batch_size, "seq_len": args.seq_len, "image_size": config.image_size,
             "threads": args.threads, "objective": args.objective, "steps": len(times),
+            "full_length": args.full_length, "malloc_tuned": malloc_tuned,
+            "gemm_gflops": round(gflops, 1),
             "foreign_cores": None if foreign is None else round(foreign, 2),
         })
         print(f"wrote {path}")

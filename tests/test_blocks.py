@@ -196,6 +196,27 @@ def test_padding_first_only_enc_index_and_kv_cache():
     assert torch.allclose(tt(ids, mask, enc[rows], use_cross=False), tt(ids, mask), atol=1e-6)
 
 
+def test_shared_rows_and_query_positions_match_the_full_computation():
+    torch.manual_seed(0)
+    ids = torch.randint(50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    enc = torch.randn(2, 5, 32)
+    rows, images = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([1, 0, 1, 1, 0])
+    tt = TextTransformer(50, 32, 3, 4, 64, "all", dropout=0.0).eval()
+    full = tt(ids[rows], mask[rows], enc[images])
+    fast = tt(ids, mask, enc, rows=rows, enc_index=images, first_only=True)
+    assert fast.shape == (5, 1, 32) and torch.allclose(fast[:, 0], full[:, 0], atol=1e-5)
+    h = tt(ids, mask, end=1, use_cross=False)  # resume after a text-only first layer
+    resumed = tt(None, mask, enc, hidden=h, start=1, rows=rows, enc_index=images)
+    assert torch.allclose(resumed, tt(None, mask[rows], enc[images], hidden=h[rows], start=1), atol=1e-5)
+    dec = TextTransformer(50, 32, 2, 4, 64, "all", causal=True, dropout=0.0).eval()
+    full = dec(ids, mask, enc[[0, 1, 0]])
+    queries = torch.tensor([[1, 4], [0, 6], [3, 3]])
+    part = dec(ids, mask, enc[[0, 1, 0]], queries=queries)
+    assert torch.allclose(part, full.gather(1, queries[..., None].expand(-1, -1, 32)), atol=1e-5)
+
+
 def test_lm_head_is_tied():
     tt = TextTransformer(50, 32, 1, 4, 64)
     head = LMHead(32, 50).tie(tt.embeddings.word)

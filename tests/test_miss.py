@@ -4,7 +4,13 @@ from transformers import BertConfig
 
 from medvqa_lib import text
 from medvqa_lib.models.blocks import SpecialIds
-from medvqa_lib.models.miss import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
+from medvqa_lib.models.miss import (
+    MISS,
+    MISSConfig,
+    _masked_positions,
+    build_miss,
+    load_pretrained_for_finetune,
+)
 
 pytestmark = pytest.mark.skipif(text.minilm_dir() is None, reason="the WordPiece vocabulary ships with MiniLM")
 
@@ -52,6 +58,13 @@ def test_profiles():
     assert cpu.decoder_objective == "mlm" and cpu.jtm and cpu.momentum == 0.995 and cpu.temp == 0.07
     with pytest.raises(ValueError, match="decoder_objective"):
         MISSConfig(decoder_objective="itc")
+
+
+def test_masked_positions_with_filler():
+    labels = torch.tensor([[-100, 7, -100, 9], [-100, -100, -100, -100], [-100, -100, 5, -100]])
+    pos, lab = _masked_positions(labels)
+    assert pos.tolist() == [[1, 3], [0, 0], [2, 0]]
+    assert lab.tolist() == [[7, 9], [-100, -100], [5, -100]]
 
 
 def test_decoder_shares_all_but_self_attention(tok):
@@ -182,7 +195,6 @@ def test_generate_greedy_equals_one_beam_and_beams_are_valid(tok):
                   ["yes", "no", "x"], images)
     args = (images, b["question_ids"], b["question_mask"])
     greedy = m.generate(*args, max_new_tokens=6, num_beams=1)
-    assert greedy == m._beam_search_ids(*args, 6) if hasattr(m, "_beam_search_ids") else True
     assert greedy == m.generate(*args, max_new_tokens=6, num_beams=1)  # deterministic
     one_beam = [row.tolist()[1:] for row in m._beam_search(*m.encode_question(*args), 6, 1, 1.0)]
     trimmed = [r[: r.index(tok.sep_token_id) + 1] if tok.sep_token_id in r else r for r in one_beam]

@@ -14,7 +14,6 @@ scores. :meth:`TextTransformer.forward` turns 0/1 tokenizer masks into additive 
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,8 +21,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 #: score added to masked-out keys (finite, so a fully masked row cannot produce NaN; and
 #: representable in bf16/fp16)
@@ -60,16 +57,52 @@ def causal_mask(mask: Tensor | None, length: int, dtype: torch.dtype, device: to
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, MASK_VALUE)[:, None]
 
 
-def take(x: Tensor, queries: Tensor | None) -> Tensor:
-    """Rows ``queries`` (B, Q) of each sequence of ``x`` (B, L, D); ``x`` when None."""
-    if queries is None:
-        return x
-    return x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+class Packing:
+    """The valid tokens of a padded (B, L) batch, flattened to (N, ...).
+
+    Per-token work (projections, FFN, LayerNorm, dropout) runs on the N valid tokens only;
+    attention pads them back to (B, L) around SDPA. Without padding ``index`` is None and
+    packing/padding are reshapes.
+    """
+
+    def __init__(self, mask: Tensor | None, batch: int, length: int) -> None:
+        self.mask, self.batch, self.length = mask, batch, length
+        valid = mask is None or bool(mask.all())
+        self.index = None if valid else mask.flatten().nonzero().squeeze(1)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, C) -> (N, C)."""
+        x = x.reshape(-1, x.shape[-1])
+        return x if self.index is None else x.index_select(0, self.index)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(N, C) -> (B, L, C), zeros at the padding."""
+        if self.index is not None:
+            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return x.view(self.batch, self.length, -1)
+
+    def tokens(self, positions: Tensor) -> Tensor:
+        """Packed indices (B, Q) of the (valid) positions (B, Q) of each sequence."""
+        flat = positions + torch.arange(self.batch, device=positions.device)[:, None] * self.length
+        return flat if self.index is None else self._lookup()[flat]
+
+    def select(self, rows: Tensor) -> tuple[Tensor, Packing]:
+        """Packed token indices and packing of the sequences ``rows`` (repeats allowed)."""
+        mask = None if self.mask is None else self.mask.index_select(0, rows)
+        new = Packing(mask, rows.shape[0], self.length)
+        flat = (rows[:, None] * self.length + torch.arange(self.length, device=rows.device)).flatten()
+        if new.index is not None:
+            flat = flat[new.index]
+        return (flat if self.index is None else self._lookup()[flat]), new
+
+    def _lookup(self) -> Tensor:  # flat position -> packed index (-1 at padding)
+        table = torch.full((self.batch * self.length,), -1, dtype=torch.long, device=self.index.device)
+        return table.index_copy_(0, self.index, torch.arange(self.index.shape[0], device=self.index.device))
 
 
 class Attention(nn.Module):
     """Multi-head attention. Self-attention uses one fused qkv projection; cross-attention
-    projects queries from ``x`` and keys/values from the encoder states (width ``kv_dim``)."""
+    projects queries from the tokens and keys/values from the encoder states (width ``kv_dim``)."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, kv_dim: int | None = None) -> None:
         super().__init__()
@@ -82,43 +115,42 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def project_kv(self, enc: Tensor) -> Tensor:
-        """Keys and values of the encoder states, (B, Lk, 2*dim)."""
-        return self.kv(enc)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, is_causal: bool = False,
+    def forward(self, x: Tensor, mask: Tensor | None, packing: Packing, *, is_causal: bool = False,
                 enc: Tensor | None = None, enc_index: Tensor | None = None,
-                kv_cache: KVCache | None = None, queries: Tensor | None = None) -> Tensor:
-        """Attend from ``x`` (B, L, D) to itself or to ``enc``.
+                kv_cache: KVCache | None = None, q_index: Tensor | None = None) -> Tensor:
+        """Attend from the packed tokens ``x`` (N, D) to themselves or to ``enc`` (B', Lk, D').
 
-        ``enc_index`` picks, for each row of ``x``, its row of ``enc`` (the keys/values are
-        projected once per distinct encoder row and then gathered). ``kv_cache`` keeps the
-        projected encoder keys/values per module, so modules shared between two stacks
-        project the same encoder states only once. ``queries`` (B, Q) computes the outputs of
-        those positions only (keys still span the whole sequence).
+        ``enc_index`` picks, for each sequence, its row of ``enc`` (keys/values are projected
+        once per distinct encoder row, then gathered). ``kv_cache`` keeps projected encoder
+        keys/values per module, so stacks sharing the module project the same states once.
+        ``q_index`` (B, Q) computes the outputs of these tokens only; returns (N or B*Q, D).
         """
         dim = x.shape[-1]
+        x_q = x if q_index is None else x.index_select(0, q_index.flatten())
         if self.cross:
             if kv_cache is not None and self in kv_cache:
                 kv = kv_cache[self]
             else:
-                kv = self.project_kv(enc)
+                kv = self.kv(enc)
                 if kv_cache is not None:
                     kv_cache[self] = kv
             if enc_index is not None:
                 kv = kv.index_select(0, enc_index)
-            q = self.q(take(x, queries))
-        elif queries is not None:
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(take(x, queries), w[:dim], b[:dim])
-            kv = F.linear(x, w[dim:], b[dim:])
+            q = self.q(x_q)
+            q = packing.pad(q) if q_index is None else q.view(*q_index.shape, dim)
+        elif q_index is None:
+            q, kv = packing.pad(self.qkv(x)).split((dim, 2 * dim), dim=-1)
         else:
-            q, kv = self.qkv(x).split((dim, 2 * dim), dim=-1)
+            assert mask is not None or not is_causal, "causal attention from chosen queries needs a mask"
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x_q, w[:dim], b[:dim]).view(*q_index.shape, dim)
+            kv = packing.pad(F.linear(x, w[dim:], b[dim:]))
         k, v = kv.chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).flatten(2))
+        y = y.transpose(1, 2).flatten(2)
+        return self.proj(packing.pack(y) if q_index is None else y.flatten(0, 1))
 
 
 class Dropout(nn.Module):
@@ -154,9 +186,10 @@ class AttentionBlock(nn.Module):
         self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, queries: Tensor | None = None,
-                **kw: Any) -> Tensor:
-        return self.norm(take(x, queries) + self.drop(self.attn(x, mask, queries=queries, **kw)))
+    def forward(self, x: Tensor, mask: Tensor | None, packing: Packing, *,
+                q_index: Tensor | None = None, **kw: Any) -> Tensor:
+        res = x if q_index is None else x.index_select(0, q_index.flatten())
+        return self.norm(res + self.drop(self.attn(x, mask, packing, q_index=q_index, **kw)))
 
 
 class FeedForward(nn.Module):
@@ -196,21 +229,31 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, enc: Tensor | None = None,
                 enc_mask: Tensor | None = None, use_cross: bool = True, *,
-                enc_index: Tensor | None = None, kv_cache: KVCache | None = None,
-                queries: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
-        """``use_cross=False`` or ``enc=None`` skips cross-attention (text-only mode).
+                packing: Packing | None = None, enc_index: Tensor | None = None,
+                kv_cache: KVCache | None = None, q_index: Tensor | None = None,
+                expand: tuple[Tensor, Packing] | None = None) -> Tensor:
+        """``x`` (B, L, D), or the packed tokens (N, D) of ``packing``. ``use_cross=False`` or
+        ``enc=None`` skips cross-attention (text-only mode). SDPA masks: ``attn_mask``,
+        ``enc_mask``.
 
-        ``queries`` (B, Q): compute only these positions. ``rows``: ``x`` holds distinct
-        sequences and row i of the output continues sequence ``rows[i]`` (self-attention, which
-        does not see ``enc``, runs once per distinct sequence; ``attn_mask`` is theirs).
+        ``q_index`` (B, Q): packed indices of the only tokens to compute (output (B*Q, D)).
+        ``expand`` = (token index, packing): after self-attention, which does not see ``enc``
+        and so runs once per distinct sequence, continue with the gathered tokens.
         """
-        if rows is None:
-            x = self.self_attn(x, attn_mask, is_causal=self.causal, queries=queries)
-        else:
-            x = take(self.self_attn(x, attn_mask, is_causal=self.causal).index_select(0, rows), queries)
+        padded = packing is None
+        if padded:
+            packing, x = Packing(None, *x.shape[:2]), x.flatten(0, 1)
+        x = self.self_attn(x, attn_mask, packing, is_causal=self.causal,
+                           q_index=q_index if expand is None else None)
+        if expand is not None:
+            idx, packing = expand
+            x = x.index_select(0, idx if q_index is None else idx[q_index.flatten()])
+        if q_index is not None:
+            packing = Packing(None, *q_index.shape)
         if self.cross_attn is not None and use_cross and enc is not None:
-            x = self.cross_attn(x, enc_mask, enc=enc, enc_index=enc_index, kv_cache=kv_cache)
-        return self.ffn(x)
+            x = self.cross_attn(x, enc_mask, packing, enc=enc, enc_index=enc_index, kv_cache=kv_cache)
+        x = self.ffn(x)
+        return packing.pad(x) if padded else x
 
 
 class TextEmbeddings(nn.Module):
@@ -232,7 +275,8 @@ class TextEmbeddings(nn.Module):
 class TextTransformer(nn.Module):
     """Embeddings + a stack of :class:`TransformerLayer` (a BERT encoder or, with
     ``causal=True``, a BERT-style decoder). ``cross_attention_layers`` names the layers that
-    get cross-attention: a set of indices, ``"all"`` or None."""
+    get cross-attention: a set of indices, ``"all"`` or None. Padding tokens are skipped:
+    the layers run on the packed valid tokens (see :class:`Packing`)."""
 
     def __init__(self, vocab: int, dim: int, depth: int, heads: int, mlp_dim: int,
                  cross_attention_layers: set[int] | Literal["all"] | None = None,
@@ -250,19 +294,24 @@ class TextTransformer(nn.Module):
             for i in range(depth))
         self.apply(init_bert_weights)
 
+    def _mask(self, mask: Tensor | None, length: int, x: Tensor, queries: Tensor | None = None) -> Tensor | None:
+        if self.causal:
+            return causal_mask(mask, length, x.dtype, x.device, queries)
+        return padding_mask(mask, x.dtype)
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 enc: Tensor | None = None, enc_mask: Tensor | None = None, use_cross: bool = True,
                 *, hidden: Tensor | None = None, start: int = 0, end: int | None = None,
                 enc_index: Tensor | None = None, kv_cache: KVCache | None = None,
                 first_only: bool = False, queries: Tensor | None = None,
                 rows: Tensor | None = None) -> Tensor:
-        """Hidden states (B, L, D) after layers ``start..end-1``.
+        """Hidden states (B, L, D) after layers ``start..end-1`` (zeros at padding).
 
         ``hidden`` replaces the embeddings of ``input_ids`` as the input (to resume after an
         earlier ``end``). Work that the caller does not need is skipped:
 
-        * ``queries`` (B, Q) / ``first_only``: the last layer computes only these positions /
-          only the first token, and the output is (B, Q, D) / (B, 1, D);
+        * ``queries`` (B, Q) / ``first_only``: the last layer computes only these (valid)
+          positions / only the first token, and the output is (B, Q, D) / (B, 1, D);
         * ``rows``: the input holds distinct sequences (with their ``attention_mask``) and output
           row i continues sequence ``rows[i]``; the first layer's self-attention runs once per
           distinct sequence before the rows are expanded.
@@ -270,26 +319,28 @@ class TextTransformer(nn.Module):
         ``enc_index``/``kv_cache``: see :meth:`Attention.forward`.
         """
         x = self.embeddings(input_ids) if hidden is None else hidden
-        length, n_out = x.shape[1], x.shape[0] if rows is None else rows.shape[0]
-        pad = attention_mask if rows is None or attention_mask is None else attention_mask.index_select(0, rows)
+        length = x.shape[1]
+        packing = first_packing = Packing(attention_mask, x.shape[0], length)
+        x = packing.pack(x)
+        first_mask = mask = self._mask(attention_mask, length, x)
+        expand = None
+        if rows is not None:
+            expand = packing.select(rows)
+            packing = expand[1]
+            mask = self._mask(packing.mask, length, x)
         if first_only:
-            queries = torch.zeros(n_out, 1, dtype=torch.long, device=x.device)
-        if self.causal:
-            mask = causal_mask(pad, length, x.dtype, x.device)
-            last_mask = None if queries is None else causal_mask(pad, length, x.dtype, x.device, queries)
-        else:
-            mask = last_mask = padding_mask(pad, x.dtype)
-        first_mask = mask if rows is None else (
-            causal_mask(attention_mask, length, x.dtype, x.device) if self.causal
-            else padding_mask(attention_mask, x.dtype))
+            queries = torch.zeros(packing.batch, 1, dtype=torch.long, device=x.device)
+        q_index = None if queries is None else packing.tokens(queries)
+        last_mask = None if queries is None else self._mask(packing.mask, length, x, queries)
         enc_mask = padding_mask(enc_mask, x.dtype)
         layers = self.layers[start:end]
         for i, layer in enumerate(layers):
-            q = queries if i == len(layers) - 1 else None
-            m = first_mask if i == 0 and rows is not None else mask if q is None else last_mask
-            x = layer(x, m, enc, enc_mask, use_cross, enc_index=enc_index, kv_cache=kv_cache,
-                      queries=q, rows=rows if i == 0 else None)
-        return x
+            last, grow = i == len(layers) - 1, i == 0 and expand is not None
+            m = first_mask if grow else last_mask if last and queries is not None else mask
+            x = layer(x, m, enc, enc_mask, use_cross, packing=first_packing if grow else packing,
+                      enc_index=enc_index, kv_cache=kv_cache, q_index=q_index if last else None,
+                      expand=expand if grow else None)
+        return x.view(*queries.shape, -1) if queries is not None else packing.pad(x)
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -162,11 +162,13 @@ def _with_start(ids: Tensor, mask: Tensor, start: int, cls: int) -> tuple[Tensor
 
 
 def _masked_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, the positions with a label first (B, Q) and their labels (-100 for filler)."""
+    """Per row, the positions with a label (B, Q), filled up with position 0, and their labels
+    (-100 for the filler)."""
     keep = labels != -100
     q = max(int(keep.sum(1).max()), 1)
     pos = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :q]
-    return pos, labels.gather(1, pos)
+    filler = ~keep.gather(1, pos)
+    return pos.masked_fill(filler, 0), labels.gather(1, pos).masked_fill(filler, -100)
 
 
 class MISS(nn.Module):
@@ -295,8 +297,10 @@ class MISS(nn.Module):
             if self.training:
                 for model, model_m in self.momentum_pairs():
                     momentum_update(model, model_m, c.momentum)
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0]), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask, first_only=True)[:, 0]), dim=-1)
+            image_cls_m = self.visual_encoder_m.forward_features(images)[:, 0]
+            text_cls_m = self.text_encoder_m(input_ids, attention_mask, first_only=True)[:, 0]
+            image_feat_m = F.normalize(self.vision_proj_m(image_cls_m), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(text_cls_m), dim=-1)
             image_feat_all = torch.cat([image_feat_m, self.image_queue.get()])
             text_feat_all = torch.cat([text_feat_m, self.text_queue.get()])
             targets = None
