@@ -21,11 +21,12 @@ def record(name: str, row: dict) -> Path:
     full = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
             "cpus": os.cpu_count(), "torch": torch.__version__, **row}
     path = RESULTS / f"{name}.csv"
-    old = path.read_text() if path.exists() else ""
+    rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
+    fields = list(rows[0]) if rows else []
+    fields += [k for k in full if k not in fields]  # new columns go last; old rows leave them empty
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(full))
-    if not old:
-        writer.writeheader()
-    writer.writerow(full)
-    atomic_write_text(path, old + buf.getvalue())
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows([*rows, full])
+    atomic_write_text(path, buf.getvalue())
     return path

@@ -4,7 +4,8 @@ The step is the full one the book runs: ITC with momentum encoders and queues, I
 negatives, the decoder's masked-token loss, backward, AdamW. Sizes: 128 px images, a 384-d
 6-layer ViT (patch 16), the 6-layer MiniLM text stack with cross-attention in every layer and
 its weight-shared decoder, batch 16, captions of 10-30 tokens padded to 30 (``--full-length``:
-all 30 tokens).
+all 30 tokens). ``--precision``: autocast as the Trainer does it (default ``auto``: bf16
+on a CPU with native bf16 instructions; weights and AdamW stay fp32).
 
 glibc is asked to keep freed memory (``--default-malloc`` turns this off): otherwise every
 step page-faults its large tensors in afresh, which costs 5-20 % here. The CSV row also holds
@@ -17,7 +18,6 @@ the GEMM speed measured next to the run, since this shared machine's speed varie
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import time
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record  # noqa: E402
 
 from medvqa_lib.models.miss import MISSConfig, build_miss  # noqa: E402
+from medvqa_lib.training import autocast_context, keep_freed_memory, resolve_precision  # noqa: E402
 
 QUIET_CORES = 0.15
 
@@ -54,16 +55,6 @@ def _foreign_cores(t0: float, start: tuple[float, float] | None) -> float | None
     if start is None or end is None:
         return None
     return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (time.perf_counter() - t0)
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve big blocks from the heap and never trim it, so freed tensors are reused."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def gemm_gflops(reps: int = 20) -> float:
@@ -104,6 +95,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timing blocks at most; stops at the first one without foreign CPU load")
     ap.add_argument("--objective", choices=("mlm", "lm"), default="mlm")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="autocast dtype as the Trainer picks it ('auto': bf16 where the CPU has "
+                         "native bf16 instructions, else fp32)")
     ap.add_argument("--full-length", action="store_true", help="captions of seq-len tokens, no padding")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is")
     ap.add_argument("--profile", action="store_true", help="print the slowest operators")
@@ -114,15 +108,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = MISSConfig.from_profile("cpu", text_backbone="minilm", decoder_objective=args.objective)
+    config = MISSConfig.from_profile("cpu", image_size=128, vision_depth=6, text_backbone="minilm",
+                                     decoder_objective=args.objective)
     model = build_miss(config).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
                             weight_decay=0.05, fused=True)
     batches = [make_batch(model, args.batch_size, args.seq_len, config.image_size, seed=i,
                           full_length=args.full_length) for i in range(4)]
 
+    dtype = resolve_precision(torch.device("cpu"), args.precision)
+
     def step(i: int) -> float:
-        out = model(batches[i % len(batches)])
+        with autocast_context(torch.device("cpu"), args.precision):
+            out = model(batches[i % len(batches)])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -151,6 +149,7 @@ def main() -> None:
     gflops = (gflops + gemm_gflops()) / 2
     print(f"MISS pre-training step: {sps:.2f} samples/s (mean {sum(times) / len(times) * 1e3:.0f} ms, "
           f"median {median * 1e3:.0f} ms per step of {args.batch_size}; {args.threads} threads; "
+          f"{str(dtype).removeprefix('torch.')}; "
           f"GEMM reference {gflops:.0f} GFLOP/s; malloc tuned: {malloc_tuned})")
     if foreign is not None and foreign >= QUIET_CORES:
         print(f"warning: other processes used {foreign:.2f} cores during the measurement; repeat it")
@@ -168,6 +167,7 @@ def main() -> None:
             "samples_per_s": round(sps, 3), "median_step_ms": round(median * 1e3, 1),
             "batch_size": args.batch_size, "seq_len": args.seq_len, "image_size": config.image_size,
             "threads": args.threads, "objective": args.objective, "steps": len(times),
+            "precision": str(dtype).removeprefix("torch."),
             "full_length": args.full_length, "malloc_tuned": malloc_tuned,
             "gemm_gflops": round(gflops, 1),
             "foreign_cores": None if foreign is None else round(foreign, 2),

@@ -42,10 +42,12 @@ def setup(profile: str | Profile, seed: int = 0, *, quiet_progress: bool | None 
     """
     import torch
 
-    from medvqa_lib.training import pick_device, seed_everything
+    from medvqa_lib.training import keep_freed_memory, pick_device, seed_everything
 
     prof = get_profile(profile, **overrides)
     seed_everything(seed)
+    if pick_device("auto").type == "cpu":
+        keep_freed_memory()  # a CPU step otherwise page-faults its big tensors in every time
     if quiet_progress is None:
         quiet_progress = os.environ.get("MEDVQA_PROGRESS", "1") == "0"
     if quiet_progress:

@@ -21,6 +21,7 @@ from medvqa_lib.training import (
     TrainConfig,
     Trainer,
     autocast_context,
+    cpu_has_native_bf16,
     load_trainer_state,
     peak_memory_mb,
     pick_device,
@@ -69,7 +70,7 @@ def validation(ds: TensorDataset):
 
 TRAIN, VAL = make_data(26, 1), make_data(20, 2)
 BASE = dict(epochs=3, batch_size=4, grad_accum_steps=2, lr=1e-2, log_every=1, progress=False,
-            select_metric="val_acc", warmup_steps=2)
+            select_metric="val_acc", warmup_steps=2, precision="fp32")
 
 
 def run(out_dir, model_seed: int = 0, resume: bool = False, on_step=None, **overrides):
@@ -207,7 +208,7 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
     for bs, accum in ((8, 1), (4, 2)):
         seed_everything(0)
         model = Linear()
-        cfg = TrainConfig(epochs=2, batch_size=bs, grad_accum_steps=accum, lr=0.05, weight_decay=0.0,
+        cfg = TrainConfig(epochs=2, batch_size=bs, grad_accum_steps=accum, lr=0.05, weight_decay=0.0, precision="fp32",
                           schedule="constant", max_grad_norm=None, progress=False,
                           select_metric="train_loss", out_dir=tmp_path / f"{bs}")
         trainer = Trainer(model, cfg, ds)
@@ -352,7 +353,7 @@ def test_device_helpers():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             pick_device("cuda")
     cpu = torch.device("cpu")
-    assert resolve_precision(cpu, "auto") == torch.float32
+    assert resolve_precision(cpu, "auto") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert resolve_precision(cpu, "bf16") == torch.bfloat16
     with autocast_context(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -411,3 +412,12 @@ def test_mixed_precision_on_cpu(tmp_path, precision):
     assert math.isfinite(res.history[0]["train_loss"])
     state = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")  # GradScaler only for fp16
+
+
+def test_cpu_bf16_detection_can_be_forced(monkeypatch):
+    cpu = torch.device("cpu")
+    for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("MEDVQA_CPU_BF16", flag)
+        cpu_has_native_bf16.cache_clear()
+        assert resolve_precision(cpu, "auto") == dtype
+    cpu_has_native_bf16.cache_clear()

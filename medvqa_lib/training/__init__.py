@@ -11,6 +11,8 @@ from medvqa_lib.training.checkpoint import (
 )
 from medvqa_lib.training.device import (
     autocast_context,
+    cpu_has_native_bf16,
+    keep_freed_memory,
     move_to_device,
     peak_memory_mb,
     pick_device,
@@ -42,6 +44,8 @@ __all__ = [
     "pick_device",
     "reset_peak_memory",
     "resolve_dir",
+    "cpu_has_native_bf16",
+    "keep_freed_memory",
     "resolve_precision",
     "rng_state",
     "save_checkpoint",

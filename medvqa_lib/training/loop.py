@@ -73,6 +73,7 @@ from medvqa_lib.training.checkpoint import (
 from medvqa_lib.training.device import (
     PRECISIONS,
     autocast_context,
+    keep_freed_memory,
     move_to_device,
     peak_memory_mb,
     reset_peak_memory,
@@ -245,6 +246,14 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str
     return [g for g in groups if g["params"]]
 
 
+def _count_samples(batch: Any, items: int) -> int:
+    """Training samples in a batch: its questions when it lists ``qids`` (a batch item may be
+    a group of questions), else its number of dataset items."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("qids"), list):
+        return len(batch["qids"])
+    return items
+
+
 def _call_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
@@ -343,6 +352,8 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
             )
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed blocks instead of page-faulting them in each step
         self.amp_dtype = resolve_precision(self.device, cfg.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         groups = param_groups or default_param_groups(self.raw_model, cfg.weight_decay)
@@ -476,6 +487,8 @@ class Trainer:
         if self.step >= self.total_steps:
             return
         self.sampler.set_epoch(self.epoch)
+        if hasattr(self.train_dataset, "set_epoch"):  # e.g. captions or groups drawn per epoch
+            self.train_dataset.set_epoch(self.epoch)
         order = list(self.sampler)
         start = self.batch_in_epoch
         loader = DataLoader(
@@ -496,7 +509,7 @@ class Trainer:
                 self.scaler.scale(outputs["loss"] / group_size).backward()
             self._epoch_meter.add(outputs)
             self._window.add(outputs)
-            self.samples_seen += min(bs, len(order) - i * bs) * self.world_size
+            self.samples_seen += _count_samples(batch, min(bs, len(order) - i * bs)) * self.world_size
             self.batch_in_epoch = i + 1
             bar.update(1)
             if not boundary:
