@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -82,4 +84,53 @@ def plot_accuracy_by_group(table: pd.DataFrame, value: str = "overall_acc",
     ax.set_xlabel(f"{value} (%)")
     ax.invert_yaxis()
     ax.set_title(title)
+    return fig
+
+
+def read_step_log(out_dir: str | Path) -> pd.DataFrame:
+    """The per-step records of a training run's ``metrics.jsonl`` (one row per logged step)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no training log at {path}: was the run written to another out_dir?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame([r for r in rows if r.get("kind") == "step"])
+
+
+def plot_training_curves(runs: dict[str, str | Path], keys: list[str], title: str = "",
+                         smooth: int = 1) -> plt.Figure:
+    """One panel per loss in ``keys`` (e.g. ``loss_itc``), one line per run, against the step.
+    ``smooth`` > 1 applies a centred rolling mean over that many logged points."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3), squeeze=False)
+    for label, out_dir in runs.items():
+        log = read_step_log(out_dir)
+        for ax, key in zip(axes[0], keys, strict=True):
+            if key in log:
+                values = log[key].rolling(smooth, center=True, min_periods=1).mean()
+                ax.plot(log["step"], values, label=label, lw=1.3)
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.set_title(key.removeprefix("loss_").upper() if key != "loss" else "total loss")
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+def plot_validation_curves(curves: pd.DataFrame) -> plt.Figure:
+    """Closed and open validation accuracy per epoch, one panel per dataset, one line per seed.
+
+    ``curves`` has columns ``dataset``, ``seed``, ``epoch``, ``closed`` and ``open`` (%).
+    """
+    datasets = list(dict.fromkeys(curves["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.3), squeeze=False)
+    long = curves.melt(id_vars=["dataset", "seed", "epoch"], value_vars=["closed", "open"],
+                       var_name="questions", value_name="accuracy")
+    for ax, name in zip(axes[0], datasets, strict=True):
+        sns.lineplot(long[long["dataset"] == name], x="epoch", y="accuracy", hue="questions",
+                     units="seed", estimator=None, marker="o", ax=ax)
+        ax.set_title(f"{name}: validation")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    fig.tight_layout()
     return fig

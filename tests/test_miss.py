@@ -3,11 +3,10 @@ import torch
 from transformers import BertConfig
 
 from medvqa_lib import text
-from medvqa_lib.models.blocks import SpecialIds
+from medvqa_lib.models.blocks import SpecialIds, masked_positions
 from medvqa_lib.models.miss import (
     MISS,
     MISSConfig,
-    _masked_positions,
     build_miss,
     load_pretrained_for_finetune,
 )
@@ -52,7 +51,7 @@ def test_profiles():
     smoke, cpu, gpu = (MISSConfig.from_profile(p) for p in ("smoke", "cpu", "gpu"))
     assert (smoke.image_size, smoke.vision_width, smoke.vision_depth, smoke.text_backbone) == (64, 128, 2, "tiny")
     assert (cpu.image_size, cpu.vision_width, cpu.vision_depth, cpu.vision_heads, cpu.text_backbone,
-            cpu.queue_size) == (128, 384, 6, 6, "minilm", 1024)
+            cpu.text_depth, cpu.queue_size) == (96, 384, 3, 6, "minilm", 3, 1024)
     assert (gpu.image_size, gpu.finetune_image_size, gpu.vision_depth, gpu.text_backbone,
             gpu.queue_size) == (224, 480, 12, "bert-base-uncased", 57600)
     assert cpu.decoder_objective == "mlm" and cpu.jtm and cpu.momentum == 0.995 and cpu.temp == 0.07
@@ -62,7 +61,7 @@ def test_profiles():
 
 def test_masked_positions_with_filler():
     labels = torch.tensor([[-100, 7, -100, 9], [-100, -100, -100, -100], [-100, -100, 5, -100]])
-    pos, lab = _masked_positions(labels)
+    pos, lab = masked_positions(labels)
     assert pos.tolist() == [[1, 3], [0, 0], [2, 0]]
     assert lab.tolist() == [[7, 9], [-100, -100], [5, -100]]
 

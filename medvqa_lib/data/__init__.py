@@ -41,6 +41,7 @@ _LAZY = {
     "VQADataset": "medvqa_lib.data.dataset",
     "CaptionDataset": "medvqa_lib.data.dataset",
     "VQACollator": "medvqa_lib.data.dataset",
+    "group_by_image": "medvqa_lib.data.dataset",
     "CaptionCollator": "medvqa_lib.data.dataset",
     "default_image_transform": "medvqa_lib.data.dataset",
     "load_synthetic_vqa": "medvqa_lib.data.synthetic",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +60,7 @@ class VQADataset(Dataset):
             "question": s.question,
             "answer": s.answer,
             "qid": s.qid,
+            "image_id": s.image_id,
             "answer_type": s.answer_type,
             "question_type": s.question_type,
         }
@@ -92,6 +94,25 @@ def _tokenize(tokenizer: Any, texts: list[str], max_len: int) -> dict[str, torch
                      return_tensors="pt")
 
 
+def group_by_image(samples: Sequence[Any], group_size: int, seed: int = 0) -> list[list[Any]]:
+    """Split the questions of each image into groups of at most ``group_size`` (in a seeded
+    random order), so that a batch of groups holds several questions per image. Items with an
+    ``image_id`` attribute or key are grouped by it."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    by_image: dict[Any, list[Any]] = {}
+    for s in samples:
+        key = s["image_id"] if isinstance(s, dict) else s.image_id
+        by_image.setdefault(key, []).append(s)
+    rng = random.Random(seed)
+    groups = []
+    for key in sorted(by_image, key=str):
+        members = by_image[key]
+        rng.shuffle(members)
+        groups += [members[i:i + group_size] for i in range(0, len(members), group_size)]
+    return groups
+
+
 class VQACollator:
     """Batches :class:`VQADataset` items for a model with a Hugging Face tokenizer.
 
@@ -100,23 +121,42 @@ class VQACollator:
     ``max_question_len``/``max_answer_len`` tokens), ``closed`` (bool tensor) and the lists
     ``qids``, ``questions``, ``answers``, ``answer_types``, ``question_types``.
     ``answer_prefix`` (e.g. ``"answer: "``) is put before each answer before tokenising.
+
+    ``dedupe_images=True`` stacks each distinct image (by ``image_id``) once: ``images`` is then
+    (U, ...) and ``image_index`` (B,) gives each question's row, so a model can encode every
+    image once per batch. Items may also be lists of items (a group of questions, e.g. about
+    one image; see :func:`group_by_image`); they are flattened.
     """
 
     def __init__(self, tokenizer: Any, max_question_len: int = 32, max_answer_len: int = 10,
-                 answer_prefix: str | None = None) -> None:
+                 answer_prefix: str | None = None, dedupe_images: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_question_len = max_question_len
         self.max_answer_len = max_answer_len
         self.answer_prefix = answer_prefix or ""
+        self.dedupe_images = dedupe_images
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if items and isinstance(items[0], list):
+            items = [it for group in items for it in group]
         questions = [it["question"] for it in items]
         answers = [it["answer"] for it in items]
         q = _tokenize(self.tokenizer, questions, self.max_question_len)
         a = _tokenize(self.tokenizer, [self.answer_prefix + x for x in answers],
                       self.max_answer_len)
+        extra: dict[str, Any] = {}
+        images = [it["image"] for it in items]
+        if self.dedupe_images:
+            if any("image_id" not in it for it in items):
+                raise ValueError("dedupe_images=True needs an 'image_id' in every item")
+            rows: dict[Any, int] = {}
+            index = [rows.setdefault(it["image_id"], len(rows)) for it in items]
+            first = {row: i for i, row in reversed(list(enumerate(index)))}
+            images = [items[first[row]]["image"] for row in range(len(rows))]
+            extra["image_index"] = torch.tensor(index)
         return {
-            "images": stack_images([it["image"] for it in items]),
+            **extra,
+            "images": stack_images(images),
             "question_ids": q["input_ids"],
             "question_mask": q["attention_mask"],
             "answer_ids": a["input_ids"],

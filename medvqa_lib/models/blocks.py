@@ -14,6 +14,7 @@ scores. :meth:`TextTransformer.forward` turns 0/1 tokenizer masks into additive 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -100,6 +101,22 @@ class Packing:
         return table.index_copy_(0, self.index, torch.arange(self.index.shape[0], device=self.index.device))
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
+              dropout_p: float = 0.0) -> Tensor:
+    """``scaled_dot_product_attention``; on the CPU, bf16 inputs are attended in fp32.
+
+    (The CPU's bf16 flash-attention backward is several times slower than its fp32 one, while
+    the projections around it are where bf16 pays; the result is cast back to bf16.)
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            m = mask.float() if mask is not None and mask.is_floating_point() else mask
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                               is_causal=is_causal, dropout_p=dropout_p)
+        return y.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     """Multi-head attention. Self-attention uses one fused qkv projection; cross-attention
     projects queries from the tokens and keys/values from the encoder states (width ``kv_dim``)."""
@@ -147,8 +164,7 @@ class Attention(nn.Module):
             kv = packing.pad(F.linear(x, w[dim:], b[dim:]))
         k, v = kv.chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, is_causal and mask is None, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).flatten(2)
         return self.proj(packing.pack(y) if q_index is None else y.flatten(0, 1))
 
@@ -671,3 +687,111 @@ def hard_negative_indices(sim_i2t: Tensor, sim_t2i: Tensor, generator: torch.Gen
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return sample(sim_t2i), sample(sim_i2t)
+
+
+# ----------------------------------------------------------------------------- generative VQA helpers
+
+
+def image_id_tensor(image_ids: Any, device: torch.device) -> Tensor | None:
+    """Image ids as int64 (strings are hashed stably so ids match across batches)."""
+    if image_ids is None:
+        return None
+    if torch.is_tensor(image_ids):
+        return image_ids.to(device=device, dtype=torch.long)
+    vals = [v if isinstance(v, int) else
+            int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=7).digest(), "little")
+            for v in image_ids]
+    return torch.tensor(vals, dtype=torch.long, device=device)
+
+
+def with_start(ids: Tensor, mask: Tensor, start: int, cls: int) -> tuple[Tensor, Tensor]:
+    """Put ``start`` at position 0: replaces [CLS] there, or is prepended when there is none."""
+    if bool((ids[:, 0] == cls).all()):
+        ids = ids.clone()
+        ids[:, 0] = start
+        return ids, mask
+    ones = torch.ones_like(ids[:, :1])
+    return torch.cat([ones * start, ids], 1), torch.cat([ones.to(mask.dtype), mask], 1)
+
+
+def masked_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the positions with a label (B, Q), filled up with position 0, and their labels
+    (-100 for the filler)."""
+    keep = labels != -100
+    q = max(int(keep.sum(1).max()), 1)
+    pos = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :q]
+    filler = ~keep.gather(1, pos)
+    return pos.masked_fill(filler, 0), labels.gather(1, pos).masked_fill(filler, -100)
+
+
+class AnswerDecoding:
+    """Greedy and beam-search answer generation for an encoder-decoder VQA model with
+    ``encode_question(images, question_ids, question_mask, image_index)``, a causal
+    ``text_decoder`` cross-attending to the question states, an ``lm_head`` and ``ids``
+    (:class:`SpecialIds`; decoding starts from ``ids.dec``). Keys/values are cached per step."""
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, question_ids: Tensor, question_mask: Tensor,
+                 max_new_tokens: int = 10, num_beams: int = 3, length_penalty: float = 1.0,
+                 image_index: Tensor | None = None) -> list[list[int]]:
+        """Answer token ids per question, ending with [SEP] when the answer ended in time.
+
+        ``num_beams=1`` is greedy decoding; otherwise beam search whose final choice divides
+        each beam's log-probability by its length ** ``length_penalty``. Runs in eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            q, q_mask = self.encode_question(images, question_ids, question_mask, image_index)
+            if num_beams == 1:
+                seqs = self._greedy(q, q_mask, max_new_tokens)
+            else:
+                seqs = self._beam_search(q, q_mask, max_new_tokens, num_beams, length_penalty)
+        finally:
+            self.train(was_training)
+        out = []
+        for row in seqs[:, 1:].tolist():
+            out.append(row[: row.index(self.ids.sep) + 1] if self.ids.sep in row else row)
+        return out
+
+    def _next_logits(self, seq: Tensor, enc: Tensor, enc_mask: Tensor, kv_cache: dict) -> Tensor:
+        h = self.text_decoder(seq, None, enc, enc_mask, kv_cache=kv_cache)
+        return self.lm_head(h[:, -1]).float()
+
+    def _greedy(self, enc: Tensor, enc_mask: Tensor, steps: int) -> Tensor:
+        seq = torch.full((enc.shape[0], 1), self.ids.dec, dtype=torch.long, device=enc.device)
+        done = torch.zeros(enc.shape[0], dtype=torch.bool, device=enc.device)
+        kv: dict = {}
+        for _ in range(steps):
+            tok = self._next_logits(seq, enc, enc_mask, kv).argmax(-1).masked_fill(done, self.ids.pad)
+            seq = torch.cat([seq, tok[:, None]], 1)
+            done |= tok == self.ids.sep
+            if bool(done.all()):
+                break
+        return seq
+
+    def _beam_search(self, enc: Tensor, enc_mask: Tensor, steps: int, k: int, length_penalty: float) -> Tensor:
+        b, dev = enc.shape[0], enc.device
+        enc, enc_mask = enc.repeat_interleave(k, 0), enc_mask.repeat_interleave(k, 0)
+        seq = torch.full((b * k, 1), self.ids.dec, dtype=torch.long, device=dev)
+        scores = torch.zeros(b, k, device=dev)
+        scores[:, 1:] = float("-inf")  # all beams start equal: expand the first only
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
+        length = torch.zeros(b * k, device=dev)
+        kv: dict = {}
+        for _ in range(steps):
+            logp = F.log_softmax(self._next_logits(seq, enc, enc_mask, kv), -1)
+            logp[done] = float("-inf")
+            logp[done, self.ids.pad] = 0.0  # finished beams carry over unchanged
+            vocab = logp.shape[-1]
+            scores, flat = (scores.view(-1, 1) + logp).view(b, -1).topk(k, dim=1)
+            rows = (flat // vocab + torch.arange(b, device=dev)[:, None] * k).view(-1)
+            tok = (flat % vocab).view(-1)
+            seq = torch.cat([seq[rows], tok[:, None]], 1)
+            length = length[rows] + (~done[rows]).float()
+            done = done[rows] | (tok == self.ids.sep)
+            if bool(done.all()):
+                break
+        final = scores / length.view(b, k).clamp(min=1) ** length_penalty
+        best = final.argmax(1) + torch.arange(b, device=dev) * k
+        return seq[best]

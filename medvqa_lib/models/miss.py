@@ -44,8 +44,8 @@ of it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvqa_lib.models.blocks import (
+    AnswerDecoding,
     FeatureQueue,
     LMHead,
     SpecialIds,
@@ -62,11 +63,14 @@ from medvqa_lib.models.blocks import (
     build_vit,
     copy_params,
     hard_negative_indices,
+    image_id_tensor,
     interpolate_pos_embed,
     itc_loss,
     load_bert_weights,
     mask_tokens,
+    masked_positions,
     momentum_update,
+    with_start,
 )
 
 __all__ = ["MISS", "MISSConfig", "build_miss", "load_pretrained_for_finetune"]
@@ -121,8 +125,9 @@ class MISSConfig:
         presets = {
             "smoke": dict(image_size=64, vision_width=128, vision_depth=2, vision_heads=4,
                           text_backbone="tiny", embed_dim=64, queue_size=128),
-            "cpu": dict(image_size=128, vision_width=384, vision_depth=6, vision_heads=6,
-                        text_backbone="minilm", queue_size=1024),
+            # 2 cores: the whole chapter (5 pre-trainings, ~11 fine-tunings) in ~20 minutes
+            "cpu": dict(image_size=96, vision_width=384, vision_depth=3, vision_heads=6,
+                        text_backbone="minilm", text_depth=3, queue_size=1024),
             "gpu": dict(image_size=224, finetune_image_size=480, vision_width=768, vision_depth=12,
                         vision_heads=12, vit_pretrained="vit_base_patch16_224",
                         text_backbone="bert-base-uncased", queue_size=57600),
@@ -139,41 +144,12 @@ class MISSConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _image_id_tensor(image_ids: Any, device: torch.device) -> Tensor | None:
-    """Image ids as int64 (strings are hashed stably so ids match across batches)."""
-    if image_ids is None:
-        return None
-    if torch.is_tensor(image_ids):
-        return image_ids.to(device=device, dtype=torch.long)
-    vals = [v if isinstance(v, int) else
-            int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=7).digest(), "little")
-            for v in image_ids]
-    return torch.tensor(vals, dtype=torch.long, device=device)
-
-
-def _with_start(ids: Tensor, mask: Tensor, start: int, cls: int) -> tuple[Tensor, Tensor]:
-    """Put ``start`` at position 0: replaces [CLS] there, or is prepended when there is none."""
-    if bool((ids[:, 0] == cls).all()):
-        ids = ids.clone()
-        ids[:, 0] = start
-        return ids, mask
-    ones = torch.ones_like(ids[:, :1])
-    return torch.cat([ones * start, ids], 1), torch.cat([ones.to(mask.dtype), mask], 1)
-
-
-def _masked_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, the positions with a label (B, Q), filled up with position 0, and their labels
-    (-100 for the filler)."""
-    keep = labels != -100
-    q = max(int(keep.sum(1).max()), 1)
-    pos = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :q]
-    filler = ~keep.gather(1, pos)
-    return pos.masked_fill(filler, 0), labels.gather(1, pos).masked_fill(filler, -100)
-
-
-class MISS(nn.Module):
+class MISS(AnswerDecoding, nn.Module):
     """Image encoder + JTM encoder + text decoder, with ITC/ITM/decoder pre-training and
     generative VQA. ``model(batch)`` dispatches on the batch keys (see :meth:`forward`)."""
+
+    #: VQA batches may hold each image once (``image_index``; see :meth:`encode_question`)
+    supports_image_index = True
 
     def __init__(self, config: MISSConfig, text_config: Any, ids: SpecialIds) -> None:
         super().__init__()
@@ -226,6 +202,24 @@ class MISS(nn.Module):
             if layer_e.cross_attn is not None:
                 layer_d.cross_attn = layer_e.cross_attn
 
+    def untie_decoder(self) -> None:
+        """Give the decoder its own copies of the shared modules (embeddings, cross-attention,
+        FFN) and tie the LM head to its own word embeddings.
+
+        Pre-training shares them (BLIP/MISS); for VQA the public code builds a separate answer
+        decoder initialised from the pre-trained one, so that the decoder's cross-attention can
+        specialise on question states while the encoder's keeps attending to the image.
+        """
+        enc, dec = self.text_encoder, self.text_decoder
+        if dec.embeddings is not enc.embeddings:
+            return
+        dec.embeddings = copy.deepcopy(enc.embeddings)
+        for layer_e, layer_d in zip(enc.layers, dec.layers, strict=True):
+            layer_d.ffn = copy.deepcopy(layer_e.ffn)
+            if layer_d.cross_attn is layer_e.cross_attn:
+                layer_d.cross_attn = copy.deepcopy(layer_e.cross_attn)
+        self.lm_head.tie(dec.embeddings.word)
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, momentum) module pairs; momentum parameters are matched by name."""
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
@@ -267,7 +261,7 @@ class MISS(nn.Module):
         update run only in training mode.
         """
         c, b = self.config, images.shape[0]
-        ids = _image_id_tensor(image_ids, images.device)
+        ids = image_id_tensor(image_ids, images.device)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
@@ -328,7 +322,7 @@ class MISS(nn.Module):
         # decoder: masked (Eq. 5) or plain causal language modelling, cross-attending to the image
         queries = None
         if c.decoder_objective == "mlm":  # the last layer computes the masked positions only
-            queries, labels = _masked_positions(labels)
+            queries, labels = masked_positions(labels)
         dec_out = self.text_decoder(None, attention_mask, image_embeds, hidden=embeds[-1],
                                     kv_cache=kv_cache, queries=queries)
         loss_dec = self._token_loss(dec_out, labels, shift=c.decoder_objective == "lm")
@@ -351,101 +345,56 @@ class MISS(nn.Module):
             return hidden.sum() * 0.0
         return F.cross_entropy(logits.float(), labels[keep])
 
+    @torch.no_grad()
+    def itc_features(self, images: Tensor | None = None, input_ids: Tensor | None = None,
+                     attention_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """The normalised ITC embeddings (Eqs. 2-3) of images and/or texts (text mode)."""
+        image_feat = text_feat = None
+        if images is not None:
+            image_feat = F.normalize(self.vision_proj(self.visual_encoder.forward_features(images)[:, 0]), dim=-1)
+        if input_ids is not None:
+            cls = self.text_encoder(input_ids, attention_mask, use_cross=False, end=self.n_text_layers,
+                                    first_only=True)[:, 0]
+            text_feat = F.normalize(self.text_proj(cls), dim=-1)
+        return image_feat, text_feat
+
     # ------------------------------------------------------------------ VQA
 
-    def encode_question(self, images: Tensor, question_ids: Tensor, question_mask: Tensor
-                        ) -> tuple[Tensor, Tensor]:
-        """JTM output of the question attending to the image, and its mask."""
+    def encode_question(self, images: Tensor, question_ids: Tensor, question_mask: Tensor,
+                        image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """JTM output of the question attending to the image, and its mask.
+
+        With ``image_index`` (B,), ``images`` holds distinct images (U, ...) and question i
+        attends to image ``image_index[i]``: each image is encoded once.
+        """
         image_embeds = self.visual_encoder.forward_features(images)
         if self.config.jtm:
-            question_ids, question_mask = _with_start(question_ids, question_mask, self.ids.enc, self.ids.cls)
-        return self.text_encoder(question_ids, question_mask, image_embeds), question_mask
+            question_ids, question_mask = with_start(question_ids, question_mask, self.ids.enc, self.ids.cls)
+        if image_index is not None:
+            image_index = image_index.to(images.device)
+        return self.text_encoder(question_ids, question_mask, image_embeds, enc_index=image_index), question_mask
 
     def forward_vqa(self, images: Tensor, question_ids: Tensor, question_mask: Tensor,
-                    answer_ids: Tensor, answer_mask: Tensor) -> dict[str, Tensor]:
+                    answer_ids: Tensor, answer_mask: Tensor, image_index: Tensor | None = None
+                    ) -> dict[str, Tensor]:
         """Teacher-forced LM loss on the answer tokens (answers tokenised as
         ``[CLS] answer [SEP] [PAD]...``; [CLS] becomes [DEC], padding is ignored)."""
-        q, q_mask = self.encode_question(images, question_ids, question_mask)
-        dec_ids, dec_mask = _with_start(answer_ids, answer_mask, self.ids.dec, self.ids.cls)
+        q, q_mask = self.encode_question(images, question_ids, question_mask, image_index)
+        dec_ids, dec_mask = with_start(answer_ids, answer_mask, self.ids.dec, self.ids.cls)
         out = self.text_decoder(dec_ids, dec_mask, q, q_mask)
         loss = self._token_loss(out, dec_ids.masked_fill(dec_mask == 0, -100), shift=True)
         return {"loss": loss}
 
-    @torch.no_grad()
-    def generate(self, images: Tensor, question_ids: Tensor, question_mask: Tensor,
-                 max_new_tokens: int = 10, num_beams: int = 3, length_penalty: float = 1.0
-                 ) -> list[list[int]]:
-        """Answer token ids per question, ending with [SEP] when the answer ended in time.
-
-        ``num_beams=1`` is greedy decoding; otherwise beam search whose final choice divides
-        each beam's log-probability by its length ** ``length_penalty``. Runs in eval mode.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            q, q_mask = self.encode_question(images, question_ids, question_mask)
-            if num_beams == 1:
-                seqs = self._greedy(q, q_mask, max_new_tokens)
-            else:
-                seqs = self._beam_search(q, q_mask, max_new_tokens, num_beams, length_penalty)
-        finally:
-            self.train(was_training)
-        out = []
-        for row in seqs[:, 1:].tolist():
-            out.append(row[: row.index(self.ids.sep) + 1] if self.ids.sep in row else row)
-        return out
-
-    def _next_logits(self, seq: Tensor, enc: Tensor, enc_mask: Tensor, kv_cache: dict) -> Tensor:
-        h = self.text_decoder(seq, None, enc, enc_mask, kv_cache=kv_cache)
-        return self.lm_head(h[:, -1]).float()
-
-    def _greedy(self, enc: Tensor, enc_mask: Tensor, steps: int) -> Tensor:
-        seq = torch.full((enc.shape[0], 1), self.ids.dec, dtype=torch.long, device=enc.device)
-        done = torch.zeros(enc.shape[0], dtype=torch.bool, device=enc.device)
-        kv: dict = {}
-        for _ in range(steps):
-            tok = self._next_logits(seq, enc, enc_mask, kv).argmax(-1).masked_fill(done, self.ids.pad)
-            seq = torch.cat([seq, tok[:, None]], 1)
-            done |= tok == self.ids.sep
-            if bool(done.all()):
-                break
-        return seq
-
-    def _beam_search(self, enc: Tensor, enc_mask: Tensor, steps: int, k: int, length_penalty: float) -> Tensor:
-        b, dev = enc.shape[0], enc.device
-        enc, enc_mask = enc.repeat_interleave(k, 0), enc_mask.repeat_interleave(k, 0)
-        seq = torch.full((b * k, 1), self.ids.dec, dtype=torch.long, device=dev)
-        scores = torch.zeros(b, k, device=dev)
-        scores[:, 1:] = float("-inf")  # all beams start equal: expand the first only
-        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
-        length = torch.zeros(b * k, device=dev)
-        kv: dict = {}
-        for _ in range(steps):
-            logp = F.log_softmax(self._next_logits(seq, enc, enc_mask, kv), -1)
-            logp[done] = float("-inf")
-            logp[done, self.ids.pad] = 0.0  # finished beams carry over unchanged
-            vocab = logp.shape[-1]
-            scores, flat = (scores.view(-1, 1) + logp).view(b, -1).topk(k, dim=1)
-            rows = (flat // vocab + torch.arange(b, device=dev)[:, None] * k).view(-1)
-            tok = (flat % vocab).view(-1)
-            seq = torch.cat([seq[rows], tok[:, None]], 1)
-            length = length[rows] + (~done[rows]).float()
-            done = done[rows] | (tok == self.ids.sep)
-            if bool(done.all()):
-                break
-        final = scores / length.view(b, k).clamp(min=1) ** length_penalty
-        best = final.argmax(1) + torch.arange(b, device=dev) * k
-        return seq[best]
-
     # ------------------------------------------------------------------ training-loop entry
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """``model(batch)``: :meth:`forward_vqa` when the batch has ``answer_ids``, else
+        """``model(batch)``: :meth:`forward_vqa` when the batch has ``answer_ids`` (and optional
+        ``image_index``, see :meth:`encode_question`), else
         :meth:`forward_pretrain` on ``images`` and ``input_ids``/``attention_mask`` (or
         ``caption_ids``/``caption_mask``), optional ``image_ids`` and ``alpha``."""
         if "answer_ids" in batch:
             return self.forward_vqa(batch["images"], batch["question_ids"], batch["question_mask"],
-                                    batch["answer_ids"], batch["answer_mask"])
+                                    batch["answer_ids"], batch["answer_mask"], batch.get("image_index"))
         ids = batch["input_ids"] if "input_ids" in batch else batch["caption_ids"]
         mask = batch["attention_mask"] if "attention_mask" in batch else batch["caption_mask"]
         return self.forward_pretrain(batch["images"], ids, mask, batch.get("image_ids"),
@@ -463,11 +412,13 @@ def build_miss(config: MISSConfig, backbone: Any = None) -> MISS:
 
 @torch.no_grad()
 def load_pretrained_for_finetune(model: MISS, state_dict: Mapping[str, Tensor],
-                                 new_image_size: int | None = None) -> dict[str, Sequence[str]]:
+                                 new_image_size: int | None = None, untie: bool = True
+                                 ) -> dict[str, Sequence[str]]:
     """Load pre-trained weights for fine-tuning at ``new_image_size`` (default: the config's
     ``finetune_image_size`` or ``image_size``): ViT position embeddings of the model and of the
     state dict are interpolated; entries with another shape (e.g. queues of another size) are
-    skipped. Returns the ``loaded``, ``skipped`` and ``missing`` keys."""
+    skipped. ``untie`` then gives the decoder its own copy of the shared modules
+    (:meth:`MISS.untie_decoder`). Returns the ``loaded``, ``skipped`` and ``missing`` keys."""
     size = new_image_size or model.config.finetune_image_size or model.config.image_size
     if model.visual_encoder.patch_embed.img_size[0] != size:
         interpolate_pos_embed(model, size)
@@ -477,5 +428,7 @@ def load_pretrained_for_finetune(model: MISS, state_dict: Mapping[str, Tensor],
     own = model.state_dict()
     keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(keep, strict=False)
+    if untie:
+        model.untie_decoder()
     return {"loaded": sorted(keep), "skipped": sorted(set(sd) - set(keep)),
             "missing": sorted(set(own) - set(keep))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,12 @@ class RunRecord:
     predictions: dict[str, str] = field(default_factory=dict)
 
 
+def slug(label: str) -> str:
+    """A run label as one folder name (``"w/o JTM (50%)"`` → ``"wo_JTM_50pc"``)."""
+    text = label.replace("%", "pc").replace("/", "").replace("+", "plus")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the model's weights (to restart each seed from)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -47,7 +54,7 @@ def finetune_and_test(label: str, make_model: Callable[[], torch.nn.Module],
         for seed in seeds:
             seed_everything(seed)
             model = make_model()
-            stage = replace(settings, seed=seed, out_dir=Path(out_dir) / label / name / f"seed{seed}")
+            stage = replace(settings, seed=seed, out_dir=Path(out_dir) / slug(label) / name / f"seed{seed}")
             result = finetune_vqa(model, splits["train"], splits["val"], tokenizer, cache, stage)
             test = [s for s in splits["test"] if test_filter is None or test_filter(s)]
             preds = predict(model, test, tokenizer, cache, num_beams=settings.num_beams,

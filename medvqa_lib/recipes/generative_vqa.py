@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from medvqa_lib.data.dataset import CaptionCollator, VQACollator
+from medvqa_lib.data.dataset import CaptionCollator, VQACollator, group_by_image
 from medvqa_lib.data.schema import CaptionSample, VQASample
 from medvqa_lib.evaluation import ensure_splits, score_predictions, summarize
-from medvqa_lib.training import TrainConfig, Trainer, TrainResult
+from medvqa_lib.training import TrainConfig, Trainer, TrainResult, autocast_context
 
 
 class ImageCache:
@@ -57,7 +57,33 @@ class CachedVQADataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         return {"image": self.cache.get(s), "question": s.question, "answer": s.answer,
-                "qid": s.qid, "answer_type": s.answer_type, "question_type": s.question_type}
+                "qid": s.qid, "image_id": s.image_id, "answer_type": s.answer_type,
+                "question_type": s.question_type}
+
+
+class GroupedVQADataset(Dataset):
+    """Groups of up to ``group_size`` questions about one image (one item = one group),
+    regrouped for every epoch by :meth:`set_epoch`."""
+
+    def __init__(self, samples: Sequence[VQASample], cache: ImageCache, group_size: int,
+                 seed: int = 0) -> None:
+        self.items = CachedVQADataset(samples, cache)
+        self.group_size, self.seed = group_size, seed
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            index = [{"i": i, "image_id": s.image_id} for i, s in enumerate(self.items.samples)]
+            self.groups = [[m["i"] for m in g]
+                           for g in group_by_image(index, self.group_size, self.seed * 100_003 + epoch)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return [self.items[j] for j in self.groups[i]]
 
 
 class CachedCaptionDataset(Dataset):
@@ -85,7 +111,13 @@ class CachedCaptionDataset(Dataset):
 
 @dataclass
 class StageSettings:
-    """One training stage (pre-training or fine-tuning)."""
+    """One training stage (pre-training or fine-tuning).
+
+    ``group_size > 1`` (fine-tuning, models with ``supports_image_index``): batches are made of
+    groups of up to ``group_size`` questions about the same image (:func:`group_by_image`,
+    regrouped every epoch), and each image is encoded once per batch. ``batch_size`` still
+    counts questions.
+    """
 
     epochs: int
     batch_size: int = 16
@@ -98,6 +130,7 @@ class StageSettings:
     num_beams: int = 3
     max_new_tokens: int = 10
     eval_limit: int | None = 256
+    group_size: int = 1
     precision: str = "auto"
     seed: int = 0
     out_dir: str | Path = "runs/stage"
@@ -120,18 +153,27 @@ def decode_answers(tokenizer: Any, token_ids: list[list[int]]) -> list[str]:
 @torch.no_grad()
 def predict(model: torch.nn.Module, samples: Sequence[VQASample], tokenizer: Any,
             cache: ImageCache, *, batch_size: int = 32, num_beams: int = 3,
-            max_new_tokens: int = 10, max_question_len: int = 32) -> dict[str, str]:
-    """Generated answers keyed by question id (free text; no answer list)."""
+            max_new_tokens: int = 10, max_question_len: int = 32,
+            precision: str = "auto") -> dict[str, str]:
+    """Generated answers keyed by question id (free text; no answer list).
+
+    Questions are batched in image order, so a model with ``supports_image_index`` encodes
+    each image once per batch; answers do not depend on the batching.
+    """
     device = next(model.parameters()).device
-    collate = VQACollator(tokenizer, max_question_len=max_question_len)
-    dataset = CachedVQADataset(samples, cache)
+    dedupe = bool(getattr(model, "supports_image_index", False))
+    collate = VQACollator(tokenizer, max_question_len=max_question_len, dedupe_images=dedupe)
+    order = sorted(samples, key=lambda s: str(s.image_id)) if dedupe else list(samples)
+    dataset = CachedVQADataset(order, cache)
     answers: dict[str, str] = {}
     model.eval()
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        ids = model.generate(batch["images"].to(device), batch["question_ids"].to(device),
-                             batch["question_mask"].to(device), max_new_tokens=max_new_tokens,
-                             num_beams=num_beams)
+        extra = {"image_index": batch["image_index"].to(device)} if dedupe else {}
+        with autocast_context(device, precision):
+            ids = model.generate(batch["images"].to(device), batch["question_ids"].to(device),
+                                 batch["question_mask"].to(device), max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, **extra)
         answers.update(zip(batch["qids"], decode_answers(tokenizer, ids), strict=True))
     return answers
 
@@ -147,7 +189,7 @@ def validation_fn(model: torch.nn.Module, val: Sequence[VQASample], tokenizer: A
     subset = list(val)[: settings.eval_limit] if settings.eval_limit else list(val)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        preds = predict(m, subset, tokenizer, cache, num_beams=1,
+        preds = predict(m, subset, tokenizer, cache, num_beams=1, precision=settings.precision,
                         max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
         row = summarize(score_predictions(subset, preds)).iloc[0]
         return {"val_acc": float(row["overall_acc"]), "val_closed": float(row["closed_acc"]),
@@ -162,8 +204,15 @@ def finetune_vqa(model: torch.nn.Module, train: Sequence[VQASample], val: Sequen
                  on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
     """Fine-tune with the LM loss on answers; keep the best epoch by validation accuracy."""
     ensure_splits(train, {"train"}, "training")
-    trainer = Trainer(model, settings.train_config("val_acc"), CachedVQADataset(train, cache),
-                      collate_fn=VQACollator(tokenizer, settings.max_text_len, settings.max_answer_len),
+    grouped = settings.group_size > 1 and bool(getattr(model, "supports_image_index", False))
+    config = settings.train_config("val_acc")
+    if grouped:
+        dataset: Dataset = GroupedVQADataset(train, cache, settings.group_size, settings.seed)
+        config.batch_size = max(1, settings.batch_size // settings.group_size)
+    else:
+        dataset = CachedVQADataset(train, cache)
+    collate = VQACollator(tokenizer, settings.max_text_len, settings.max_answer_len, dedupe_images=grouped)
+    trainer = Trainer(model, config, dataset, collate_fn=collate,  # regrouped per epoch
                       evaluate_fn=validation_fn(model, val, tokenizer, cache, settings),
                       on_step=on_step)
     result = trainer.fit()
@@ -177,14 +226,9 @@ def pretrain(model: torch.nn.Module, captions: Any, tokenizer: Any, cache: Image
 
     There is no validation signal for pre-training here: the last epoch is kept.
     """
-    dataset = CachedCaptionDataset(captions, cache)
-
-    def on_step(trainer: Trainer) -> None:
-        dataset.set_epoch(trainer.epoch)
-
+    dataset = CachedCaptionDataset(captions, cache)  # the Trainer sets its epoch
     trainer = Trainer(model, settings.train_config("train_loss"), dataset,
-                      collate_fn=CaptionCollator(tokenizer, settings.max_text_len),
-                      evaluate_fn=None, on_step=on_step)
+                      collate_fn=CaptionCollator(tokenizer, settings.max_text_len), evaluate_fn=None)
     return trainer.fit()
 
 

@@ -1,0 +1,254 @@
+"""The MISS chapter's experiments: pre-training corpora, variants, retrieval, prior comparison.
+
+A study is sized by a run profile (:func:`study_plan`). Pre-training runs once per variant
+(full model, w/o TransCap, w/o JTM, TransCap at increasing amounts); fine-tuning then runs per
+dataset and seed from that variant's weights, always selecting the epoch on validation data.
+
+Pre-training data (the paper: ROCO-style image-caption pairs + TransCap captions):
+
+* **image-caption pairs** — ROCO when the user has it (local folder or the Hub); otherwise the
+  synthetic generator's captions, a labelled stand-in;
+* **TransCap** — captions written from the attributes of a single-modality labelled image set:
+  SLAKE's own organ/lesion boxes of *training* images when SLAKE is available, else the
+  synthetic RSNA-like chest X-rays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvqa_lib.config import Profile, resolve_data_dir
+from medvqa_lib.data.schema import CaptionSample, LabelledImage
+from medvqa_lib.evaluation import paired_bootstrap
+from medvqa_lib.models.miss import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
+from medvqa_lib.recipes.experiments import RunRecord, slug, snapshot
+from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, pretrain
+from medvqa_lib.training import TrainResult, seed_everything
+
+__all__ = ["MISSStudy", "study_plan", "caption_pairs", "transcap_pool", "subset", "pretrain_variant",
+           "finetune_factory", "retrieval_recall", "seed_mean_scores", "compare_to_prior"]
+
+
+@dataclass
+class MISSStudy:
+    """Everything the chapter sizes from its profile (each field a chapter parameter)."""
+
+    model: MISSConfig
+    pretrain: StageSettings
+    finetune: StageSettings
+    #: fine-tuning epochs per dataset (small datasets get more)
+    finetune_epochs: dict[str, int]
+    #: image-caption pairs in the pre-training corpus
+    pairs: int
+    #: shares of the TransCap pool added to the pairs, increasing (the last one is the full model)
+    transcap_fractions: tuple[float, ...]
+    seeds: tuple[int, ...]
+    #: the dataset of the ablation table (SLAKE, as in the paper, when it is there)
+    ablation_dataset: str = "slake"
+    #: fine-tuning epochs of each ablation run (None: the dataset's own epochs)
+    ablation_epochs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def epochs_for(self, dataset: str) -> int:
+        return self.finetune_epochs.get(dataset, self.finetune_epochs.get("default", self.finetune.epochs))
+
+    def finetune_settings(self, dataset: str, ablation: bool = False) -> StageSettings:
+        epochs = self.ablation_epochs if ablation and self.ablation_epochs else self.epochs_for(dataset)
+        return dataclasses.replace(self.finetune, epochs=epochs)
+
+
+_PLANS: dict[str, dict[str, Any]] = {
+    "smoke": dict(pretrain=dict(epochs=1, batch_size=16, lr=1e-4),
+                  finetune=dict(epochs=1, batch_size=16, lr=1e-4, eval_limit=32, group_size=1),
+                  finetune_epochs={"default": 1}, pairs=48, transcap_fractions=(0.5, 1.0)),
+    # sized to ~20 minutes on 2 cores; a high learning rate because there are few steps
+    # (at 1e-4 the decoder still answers every open question alike after 2 SLAKE epochs)
+    "cpu": dict(pretrain=dict(epochs=1, batch_size=32, lr=1e-4),
+                finetune=dict(epochs=2, batch_size=64, lr=5e-4, eval_limit=256, group_size=4),
+                finetune_epochs={"vqa-rad": 3, "slake": 2, "synthetic": 2, "default": 2},
+                ablation_epochs=1, seeds=(0, 1), pairs=400, transcap_fractions=(1 / 3, 2 / 3, 1.0)),
+    # the paper: AdamW, lr 2e-5, weight decay 0.05, cosine to 0; 100 pre-training and 200
+    # fine-tuning epochs; batch sizes of the public code (pre-training 32/GPU, VQA 16/GPU)
+    "gpu": dict(pretrain=dict(epochs=100, batch_size=32, lr=2e-5, warmup_ratio=0.0),
+                finetune=dict(epochs=200, batch_size=16, lr=2e-5, warmup_ratio=0.0, eval_limit=None),
+                finetune_epochs={"default": 200}, pairs=38_800, transcap_fractions=(0.22, 0.6, 1.0)),
+}
+
+
+def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> MISSStudy:
+    """The study of ``profile`` (``smoke``/``cpu``/``gpu``). ``overrides``: any
+    :class:`MISSStudy` field, plus ``model`` overrides as a dict and ``pretrain``/``finetune``
+    as dicts of :class:`StageSettings` fields."""
+    if profile.name not in _PLANS:
+        raise ValueError(f"no MISS study for profile {profile.name!r}; choose one of {', '.join(_PLANS)}")
+    plan = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _PLANS[profile.name].items()}
+    model_over = overrides.pop("model", None) or {}
+    for stage in ("pretrain", "finetune"):
+        plan[stage].update(overrides.pop(stage, None) or {})
+    out = Path(out_dir)
+    pre = StageSettings(**plan.pop("pretrain"), out_dir=out / "pretrain", progress=None)
+    fine = StageSettings(**plan.pop("finetune"), out_dir=out / "finetune", progress=None)
+    plan.update(overrides)
+    plan.setdefault("seeds", tuple(profile.seeds))
+    return MISSStudy(model=MISSConfig.from_profile(profile.name, **model_over), pretrain=pre,
+                     finetune=fine, **plan)
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def caption_pairs(profile: Profile, n: int, seed: int = 0, data_dir: Any = None,
+                  verbose: bool = True) -> tuple[list[CaptionSample], str]:
+    """Up to ``n`` image-caption pairs and where they came from: a local ROCO folder under the
+    data root (``roco/``), the Hub's ROCO on the ``gpu`` profile when reachable, else the
+    synthetic generator's training captions."""
+    root = resolve_data_dir(data_dir)
+    from medvqa_lib.data.captions import load_roco_captions
+
+    if root is not None and (root / "roco").is_dir():
+        pairs, source = load_roco_captions("train", root), f"ROCO ({root / 'roco'})"
+    elif profile.name == "gpu" and _hub_reachable():
+        pairs, source = load_roco_captions("train", limit=n), "ROCO (Hugging Face Hub)"
+    else:
+        from medvqa_lib.data.synthetic import load_synthetic_captions
+
+        pairs = load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.image_size,
+                                        seed=seed)
+        source = "synthetic captions (stand-in for ROCO)"
+    rng = np.random.default_rng(seed)
+    pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:n])]
+    if verbose:
+        print(f"image-caption pairs: {len(pairs)} from {source}")
+    return pairs, source
+
+
+def transcap_pool(profile: Profile, suite: Mapping[str, Any], data_dir: Any = None, seed: int = 0,
+                  split: str = "train") -> tuple[list[LabelledImage], str]:
+    """The labelled single-modality images TransCap captions: SLAKE's boxes of ``split``
+    images when SLAKE is loaded, else the synthetic RSNA-like chest X-rays of ``split``
+    (``"train"`` for pre-training, ``"val"`` for held-out checks; never ``"test"``)."""
+    root = resolve_data_dir(data_dir)
+    if "slake" in suite and root is not None:
+        from medvqa_lib.data.slake import load_slake_detection
+
+        return load_slake_detection(split, root=root), f"SLAKE detection boxes ({split} images)"
+    from medvqa_lib.data.synthetic import load_synthetic_labelled
+    from medvqa_lib.transcap import pretraining_items
+
+    items = load_synthetic_labelled(n_labelled=profile.synthetic_labelled, image_size=profile.image_size,
+                                    seed=seed)
+    return pretraining_items(items, (split,)), f"synthetic RSNA-like chest X-rays ({split} images)"
+
+
+def _hub_reachable() -> bool:
+    from medvqa_lib.data.hub import hub_reachable
+
+    return hub_reachable()
+
+
+def subset(items: Sequence[Any], fraction: float, seed: int = 0) -> list[Any]:
+    """A seeded random share of ``items`` (nested: a smaller share is inside a larger one)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in sorted(order[: round(fraction * len(items))])]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def pretrain_variant(label: str, config: MISSConfig, corpus: Sequence[CaptionSample], tokenizer: Any,
+                     cache: ImageCache, settings: StageSettings, backbone: Any = None,
+                     seed: int = 0) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Pre-train a fresh model on ``corpus``; returns its weights (CPU copy) and the record."""
+    seed_everything(seed)
+    model = build_miss(config, backbone)
+    stage = dataclasses.replace(settings, seed=seed, out_dir=Path(settings.out_dir) / slug(label))
+    result = pretrain(model, corpus, tokenizer, cache, stage)
+    return snapshot(model), result
+
+
+def finetune_factory(config: MISSConfig, state: Mapping[str, torch.Tensor] | None, backbone: Any = None):
+    """``make_model()`` for :func:`~medvqa_lib.recipes.experiments.finetune_and_test`: a fresh
+    model at the fine-tuning image size, from pre-trained ``state`` (or none: w/o pre-training),
+    with the answer decoder untied from the encoder as in the public VQA code."""
+
+    def make() -> MISS:
+        model = build_miss(config, backbone)
+        if state is not None:
+            load_pretrained_for_finetune(model, state)  # also unties the decoder
+        else:
+            model.untie_decoder()
+        return model
+
+    return make
+
+
+@torch.no_grad()
+def retrieval_recall(model: MISS, captions: Sequence[CaptionSample], tokenizer: Any, cache: ImageCache,
+                     ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, max_len: int = 32) -> pd.DataFrame:
+    """Image→text and text→image recall@k of the ITC embeddings on held-out pairs (one caption
+    per image; a hit when the paired item is among the top k), with the chance level k/N."""
+    model.eval()
+    image_feats, text_feats = [], []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        images = torch.stack([cache.get(c) for c in chunk])
+        tok = tokenizer([c.caption for c in chunk], padding="longest", truncation=True,
+                        max_length=max_len, return_tensors="pt")
+        i, t = model.itc_features(images, tok["input_ids"], tok["attention_mask"])
+        image_feats.append(i.float())
+        text_feats.append(t.float())
+    sim = torch.cat(image_feats) @ torch.cat(text_feats).T
+    n = sim.shape[0]
+    truth = torch.arange(n)
+    rows = []
+    for k in ks:
+        k_ = min(k, n)
+        i2t = (sim.topk(k_, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+        t2i = (sim.T.topk(k_, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+        rows.append({"k": k, "image→text R@k": 100 * i2t, "text→image R@k": 100 * t2i,
+                     "chance": 100 * k_ / n})
+    return pd.DataFrame(rows).set_index("k").round(1)
+
+
+def seed_mean_scores(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """One scored table whose ``exact``/``recall`` are each question's mean over the seeds."""
+    if not records:
+        raise ValueError("no runs to average")
+    frames = [r.scored.set_index("qid") for r in records]
+    qids = frames[0].index
+    for f in frames[1:]:
+        if set(f.index) != set(qids):
+            raise ValueError("runs to average cover different test questions")
+    out = frames[0].copy()
+    for col in ("exact", "recall"):
+        if col in out:
+            out[col] = sum(f.loc[qids, col].astype(float) for f in frames) / len(frames)
+    return out.reset_index()
+
+
+def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
+                     n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstrap of model − prior accuracy per dataset and answer type (percentage
+    points, 95 % interval); ``supported`` when the whole interval is above zero."""
+    rows = []
+    for name, scored in model_scored.items():
+        if name not in prior_scored:
+            continue
+        for answer_type in ("closed", "open"):
+            r = paired_bootstrap(scored, prior_scored[name], n_resamples=n_resamples, seed=seed,
+                                 answer_type=answer_type)
+            rows.append({"dataset": name, "questions": answer_type, "n": r["n"],
+                         "MISS − prior (pp)": round(r["delta"], 1),
+                         "95% CI": f"[{r['low']:.1f}, {r['high']:.1f}]",
+                         "supported": bool(r["low"] > 0)})
+    return pd.DataFrame(rows).set_index(["dataset", "questions"])
