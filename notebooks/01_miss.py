@@ -67,6 +67,7 @@ transcap_fractions = None  # shares of the TransCap pool, increasing, e.g. [0.33
 caption_backend = "rule"  # "rule" (offline), "hf:<model>", "openai:<model>@<url>"
 num_beams = 3  # the paper's code: beam search, 3 beams, at most 10 new tokens
 max_new_tokens = 10
+untie_decoder = None  # True: a separate answer decoder for VQA, as the public code
 run_ablations = True
 bootstrap_resamples = None
 
@@ -99,6 +100,7 @@ study = study_plan(
     finetune=stage(lr=finetune_lr, batch_size=batch_size, num_beams=num_beams,
                    max_new_tokens=max_new_tokens),
     **stage(finetune_epochs=finetune_epochs, pairs=pairs, ablation_epochs=ablation_epochs,
+            untie_decoder=untie_decoder,
             seeds=None if seeds is None else tuple(seeds),
             transcap_fractions=None if transcap_fractions is None else tuple(transcap_fractions)))
 backbone = select_text_backbone(study.model.text_backbone)
@@ -284,11 +286,11 @@ recall_table
 # %%
 from medvqa_lib.recipes.experiments import finetune_and_test
 
+make_full = finetune_factory(study.model, pretrained[full_label], backbone, study.untie_decoder)
 records = []
 for name, splits in suite.items():
-    records += finetune_and_test("MISS", finetune_factory(study.model, pretrained[full_label], backbone),
-                                 {name: splits}, study.seeds, tokenizer, study.finetune_settings(name),
-                                 out / "runs" / "finetune", cache)
+    records += finetune_and_test("MISS", make_full, {name: splits}, study.seeds, tokenizer,
+                                 study.finetune_settings(name), out / "runs" / "finetune", cache)
 
 # %% [markdown]
 # Validation accuracy after each fine-tuning epoch (greedy answers on validation questions;
@@ -386,7 +388,8 @@ if run_ablations:
         if label == full_label and same_schedule and study.seeds[0] == seed:
             rec = first[ablation_set]
         else:
-            rec = finetune_and_test(label, finetune_factory(config, state, backbone), splits,
+            rec = finetune_and_test(label, finetune_factory(config, state, backbone, study.untie_decoder),
+                                    splits,
                                     [seed], tokenizer, settings, out / "runs" / "ablations",
                                     cache)[0]
         ablation_records[label] = rec
@@ -441,6 +444,9 @@ with pd.option_context("display.max_colwidth", 200):
 #   answered yes/no; the public evaluation script joins predictions to questions by list
 #   position. Here closed/open come from the datasets' own answer types, matching is exact after
 #   normalisation, and the join is by question id (see the {doc}`pitfalls page <../book/pitfalls>`).
+# * **The answer decoder.** The paper's decoder shares everything but self-attention with the
+#   JTM encoder; the public code's VQA model builds a separate decoder from the pre-trained
+#   weights. This chapter keeps it shared (`untie_decoder = False`); the parameter switches.
 # * **Selection.** Checkpoints are chosen on validation questions (VQA-RAD's validation split
 #   is carved from its training questions); the paper does not say how its checkpoint was chosen.
 # * **Scale.** The `cpu` profile shrinks the image encoder (a randomly initialised ViT, fewer

@@ -207,8 +207,9 @@ class MISS(AnswerDecoding, nn.Module):
         FFN) and tie the LM head to its own word embeddings.
 
         Pre-training shares them (BLIP/MISS); for VQA the public code builds a separate answer
-        decoder initialised from the pre-trained one, so that the decoder's cross-attention can
-        specialise on question states while the encoder's keeps attending to the image.
+        decoder initialised from the pre-trained one. (On SLAKE validation at the ``cpu`` scale,
+        2 epochs, the shared decoder reached 49.8 % open accuracy, the untied one 26.9 %: the
+        book keeps it shared by default.)
         """
         enc, dec = self.text_encoder, self.text_decoder
         if dec.embeddings is not enc.embeddings:
@@ -412,13 +413,13 @@ def build_miss(config: MISSConfig, backbone: Any = None) -> MISS:
 
 @torch.no_grad()
 def load_pretrained_for_finetune(model: MISS, state_dict: Mapping[str, Tensor],
-                                 new_image_size: int | None = None, untie: bool = True
+                                 new_image_size: int | None = None, untie: bool = False
                                  ) -> dict[str, Sequence[str]]:
     """Load pre-trained weights for fine-tuning at ``new_image_size`` (default: the config's
     ``finetune_image_size`` or ``image_size``): ViT position embeddings of the model and of the
     state dict are interpolated; entries with another shape (e.g. queues of another size) are
-    skipped. ``untie`` then gives the decoder its own copy of the shared modules
-    (:meth:`MISS.untie_decoder`). Returns the ``loaded``, ``skipped`` and ``missing`` keys."""
+    skipped. ``untie=True`` then gives the decoder its own copy of the shared modules
+    (:meth:`MISS.untie_decoder`, the public code's VQA layout). Returns the ``loaded``, ``skipped`` and ``missing`` keys."""
     size = new_image_size or model.config.finetune_image_size or model.config.image_size
     if model.visual_encoder.patch_embed.img_size[0] != size:
         interpolate_pos_embed(model, size)

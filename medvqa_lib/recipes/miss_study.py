@@ -55,6 +55,8 @@ class MISSStudy:
     ablation_dataset: str = "slake"
     #: fine-tuning epochs of each ablation run (None: the dataset's own epochs)
     ablation_epochs: int | None = None
+    #: fine-tune with a separate answer decoder (the public code) instead of the shared one
+    untie_decoder: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def epochs_for(self, dataset: str) -> int:
@@ -176,16 +178,17 @@ def pretrain_variant(label: str, config: MISSConfig, corpus: Sequence[CaptionSam
     return snapshot(model), result
 
 
-def finetune_factory(config: MISSConfig, state: Mapping[str, torch.Tensor] | None, backbone: Any = None):
+def finetune_factory(config: MISSConfig, state: Mapping[str, torch.Tensor] | None, backbone: Any = None,
+                     untie_decoder: bool = False):
     """``make_model()`` for :func:`~medvqa_lib.recipes.experiments.finetune_and_test`: a fresh
-    model at the fine-tuning image size, from pre-trained ``state`` (or none: w/o pre-training),
-    with the answer decoder untied from the encoder as in the public VQA code."""
+    model at the fine-tuning image size, from pre-trained ``state`` (or none: w/o pre-training);
+    ``untie_decoder`` gives the answer decoder its own weights, as the public VQA code does."""
 
     def make() -> MISS:
         model = build_miss(config, backbone)
         if state is not None:
-            load_pretrained_for_finetune(model, state)  # also unties the decoder
-        else:
+            load_pretrained_for_finetune(model, state)
+        if untie_decoder:
             model.untie_decoder()
         return model
 
