@@ -74,9 +74,17 @@ def output_dir(chapter: str, root: str | os.PathLike | None = None) -> Path:
     """Folder for a chapter's result tables (CSV/JSON), created if needed.
 
     ``$MEDVQA_OUTPUT_DIR`` (set by ``python -m medvqa_lib reproduce``) wins over ``root``;
-    the default is ``_build/results`` of the repository when run from ``notebooks/``.
+    the default is ``_build/results`` of the book checkout that holds the working directory
+    (run from ``notebooks/`` or from the root alike), else of the working directory (Colab).
     """
-    base = os.environ.get("MEDVQA_OUTPUT_DIR") or root or Path.cwd().parent / "_build" / "results"
+    base = os.environ.get("MEDVQA_OUTPUT_DIR") or root or _results_root(Path.cwd().resolve())
     path = Path(base) / chapter
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _results_root(cwd: Path) -> Path:
+    for folder in (cwd, *cwd.parents):
+        if (folder / "_config.yml").is_file() and (folder / "notebooks").is_dir():
+            return folder / "_build" / "results"
+    return cwd / "_build" / "results"

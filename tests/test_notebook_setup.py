@@ -45,3 +45,17 @@ def test_output_dir_honours_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVQA_OUTPUT_DIR", str(tmp_path))
     path = notebook.output_dir("chapter")
     assert path == tmp_path / "chapter" and path.is_dir()
+
+
+def test_output_dir_defaults_to_the_checkout_from_root_or_notebooks(tmp_path, monkeypatch):
+    from medvqa_lib.notebook import output_dir
+
+    monkeypatch.delenv("MEDVQA_OUTPUT_DIR", raising=False)
+    (tmp_path / "book" / "notebooks").mkdir(parents=True)
+    (tmp_path / "book" / "_config.yml").write_text("title: t\n")
+    expected = tmp_path / "book" / "_build" / "results" / "ch"
+    for cwd in (tmp_path / "book", tmp_path / "book" / "notebooks"):
+        monkeypatch.chdir(cwd)
+        assert output_dir("ch").resolve() == expected.resolve()
+    monkeypatch.chdir(tmp_path)  # outside any checkout (e.g. Colab's /content)
+    assert output_dir("ch").resolve() == (tmp_path / "_build" / "results" / "ch").resolve()

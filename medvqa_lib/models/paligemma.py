@@ -1,0 +1,368 @@
+"""PaliGemma for radiology VQA: the model, its processor, LoRA, prompts and generation.
+
+Two ways to get a model, one code path after that:
+
+* ``gpu`` — ``google/paligemma-3b-mix-448`` (or ``-224``) from the Hugging Face Hub. The
+  model is gated: accept its licence on the Hub and pass a token (``HF_TOKEN`` or
+  ``huggingface_hub.login()``). ``load_in_4bit`` uses bitsandbytes when it is installed.
+* ``smoke`` / ``cpu`` — a tiny PaliGemma built from :class:`transformers.PaliGemmaConfig`
+  (a small SigLIP tower + a small Gemma, random init) and a WordPiece tokenizer trained here
+  on the training text (the Gemma tokenizer is not available offline), wrapped as a
+  ``PreTrainedTokenizerFast`` with the tokens PaliGemma's processor needs. The real
+  :class:`transformers.PaliGemmaProcessor` builds every batch in both cases.
+
+LoRA (the paper's appendix): r = 12, alpha = 32, causal LM, on the q/k/v/o/up/down projections
+of the Gemma language model. SigLIP names its projections differently (``q_proj``,
+``k_proj``, ``v_proj``, ``out_proj`` in attention; ``fc1``/``fc2`` in the MLP), so the
+paper's name list, given to peft literally, adapts only q/k/v of the vision tower.
+``vision_lora="equivalent"`` (default) maps o → ``out_proj``, up → ``fc1``, down → ``fc2``;
+``vision_lora="literal"`` reproduces what the paper's list does. Gemma's ``gate_proj`` is
+not in the paper's list and stays frozen in both.
+
+The prompt is PaliGemma's task prefix ``"answer en <question>"``; the answer is the
+processor's ``suffix``, so ``labels`` are -100 everywhere except the answer tokens and the
+final ``<eos>`` (``token_type_ids`` = 1 there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from medvqa_lib.errors import ConfigError, HubUnavailableError, unknown_name
+
+__all__ = [
+    "HUB_MODELS", "LM_TARGETS", "VISION_TARGETS", "PaliGemmaSpec", "PaliGemmaVQA",
+    "train_tokenizer", "build_processor", "build_tiny", "load_hub_model", "build_paligemma",
+    "lora_target_names", "apply_lora", "trainable_share", "format_prompt", "VQACollator",
+    "patch_grid",
+]
+
+HUB_MODELS = {448: "google/paligemma-3b-mix-448", 224: "google/paligemma-3b-mix-224"}
+TASK_PREFIX = "answer en"
+CAPTION_PREFIX = "caption en"
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
+#: the paper's LoRA target names, as they exist in Gemma
+LM_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+#: SigLIP's modules for the same roles: literal name matches, and the role mapping
+VISION_TARGETS: dict[str, tuple[str, ...]] = {
+    "literal": ("q_proj", "k_proj", "v_proj"),
+    "equivalent": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+@dataclass(frozen=True)
+class PaliGemmaSpec:
+    """Model sizes and adaptation settings (every field a chapter parameter)."""
+
+    #: "tiny" (built here) or a Hub id / local folder of a PaliGemma checkpoint
+    source: str = "tiny"
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 2
+    text_head_dim: int = 32
+    tokenizer_vocab: int = 600
+    lora_r: int = 12
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # peft default; the paper gives none
+    vision_lora: str = "equivalent"
+    load_in_4bit: bool = False
+    dtype: str = "auto"
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides: Any) -> PaliGemmaSpec:
+        """The spec of run profile ``name`` with ``overrides`` (``None`` keeps the default)."""
+        base = {
+            "smoke": cls(image_size=32, patch_size=8),
+            "cpu": cls(image_size=64, patch_size=8, vision_width=96, vision_depth=3, vision_heads=3,
+                       text_width=128, text_depth=3, text_heads=4, text_head_dim=32,
+                       tokenizer_vocab=1500),
+            "gpu": cls(source=HUB_MODELS[448], image_size=448, patch_size=14, dtype="bf16"),
+        }
+        if name not in base:
+            raise unknown_name("PaliGemma profile", name, base)
+        spec = replace(base[name], **{k: v for k, v in overrides.items() if v is not None})
+        if spec.vision_lora not in VISION_TARGETS:
+            raise unknown_name("vision_lora mapping", spec.vision_lora, VISION_TARGETS)
+        if spec.image_size % spec.patch_size:
+            raise ConfigError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
+        return spec
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == "tiny"
+
+
+# ----------------------------------------------------------------------------- tokenizer / processor
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 600) -> Any:
+    """A lower-casing WordPiece tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``
+    with ``<pad> <eos> <bos> <unk> <image>``; pairs get ``token_type_ids`` 0 then 1 (the
+    processor turns the second part, the answer, into labels)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>",
+                                   additional_special_tokens=["<image>"])
+    fast.padding_side = "left"  # generation continues after the last prompt token
+    return fast
+
+
+def build_processor(tokenizer: Any, image_size: int, patch_size: int) -> Any:
+    """PaliGemma's own processor around a SigLIP image processor of ``image_size`` pixels
+    (mean/std 0.5, as PaliGemma) with one ``<image>`` token per patch."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    images = SiglipImageProcessor(size={"height": image_size, "width": image_size},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  image_seq_length=(image_size // patch_size) ** 2)
+    return PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def build_tiny(spec: PaliGemmaSpec, texts: Iterable[str]) -> tuple[nn.Module, Any]:
+    """A randomly initialised small PaliGemma and its processor (tokenizer trained on ``texts``)."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = train_tokenizer(texts, spec.tokenizer_vocab)
+    processor = build_processor(tokenizer, spec.image_size, spec.patch_size)
+    vocab = len(processor.tokenizer)  # includes the processor's <image>/<loc>/<seg> tokens
+    vision = SiglipVisionConfig(hidden_size=spec.vision_width, intermediate_size=4 * spec.vision_width,
+                                num_hidden_layers=spec.vision_depth, num_attention_heads=spec.vision_heads,
+                                image_size=spec.image_size, patch_size=spec.patch_size,
+                                vision_use_head=False)  # as PaliGemma: no pooling head
+    text = GemmaConfig(hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
+                       num_hidden_layers=spec.text_depth, num_attention_heads=spec.text_heads,
+                       num_key_value_heads=1, head_dim=spec.text_head_dim, vocab_size=vocab,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, vocab_size=vocab,
+                             image_token_index=processor.image_token_id, projection_dim=spec.text_width,
+                             hidden_size=spec.text_width, pad_token_id=tokenizer.pad_token_id)
+    config._attn_implementation = "eager"  # attention weights for saliency
+    model = PaliGemmaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def _hub_problem(model_id: str) -> str | None:
+    from medvqa_lib.data.hub import hub_reachable, offline_mode
+
+    if os.path.isdir(os.path.expanduser(model_id)):
+        return None
+    if offline_mode():
+        return "offline mode is set (HF_HUB_OFFLINE)"
+    if not hub_reachable():
+        return "the Hugging Face Hub cannot be reached"
+    return None
+
+
+def load_hub_model(spec: PaliGemmaSpec, token: str | None = None) -> tuple[nn.Module, Any]:
+    """``spec.source`` (a gated PaliGemma) and its processor from the Hub or a local folder.
+
+    Raises :class:`HubUnavailableError` naming the fix when the Hub cannot be reached.
+    The token comes from ``token``, else ``$HF_TOKEN`` / a stored ``huggingface_hub.login()``.
+    """
+    why = _hub_problem(spec.source)
+    if why is not None:
+        from medvqa_lib.transcap.backends import _cached_snapshot
+
+        cached = _cached_snapshot(spec.source)
+        if cached is None:
+            raise HubUnavailableError(
+                f"PaliGemma {spec.source!r} is not a local folder and {why}. Fix: run where the "
+                "Hub is reachable with a token that accepted the model's licence (HF_TOKEN or "
+                "huggingface_hub.login()), download it and pass model_source=<folder>, or use "
+                "profile='cpu' / 'smoke' (a tiny PaliGemma built offline)"
+            )
+        source = cached
+    else:
+        source = spec.source
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    token = token or os.environ.get("HF_TOKEN")
+    kwargs: dict[str, Any] = {"token": token, "attn_implementation": "eager"}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(spec.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    kwargs["dtype"] = dtype
+    if spec.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as e:
+            raise ConfigError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(source, **kwargs)
+    processor = PaliGemmaProcessor.from_pretrained(source, token=token)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def build_paligemma(spec: PaliGemmaSpec, texts: Iterable[str] = (), token: str | None = None
+                    ) -> tuple[nn.Module, Any]:
+    """The base model (not yet LoRA-adapted) and its processor for ``spec``."""
+    return build_tiny(spec, texts) if spec.is_tiny else load_hub_model(spec, token)
+
+
+def patch_grid(config: Any) -> int:
+    """Patches per side of the vision tower (16 at 224 px, 32 at 448 px for PaliGemma)."""
+    vision = config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_target_names(model: nn.Module, vision_lora: str = "equivalent") -> list[str]:
+    """Full names of the linear modules LoRA adapts: Gemma's q/k/v/o/up/down projections and
+    the vision tower's modules for ``vision_lora`` (see the module docstring)."""
+    if vision_lora not in VISION_TARGETS:
+        raise unknown_name("vision_lora mapping", vision_lora, VISION_TARGETS)
+    out = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Linear) and "Linear" not in type(module).__name__:
+            continue
+        if ".vision_tower." in f".{name}" and leaf in VISION_TARGETS[vision_lora]:
+            out.append(name)
+        elif ".language_model." in f".{name}" and leaf in LM_TARGETS:
+            out.append(name)
+    return out
+
+
+def apply_lora(model: nn.Module, spec: PaliGemmaSpec) -> nn.Module:
+    """Freeze ``model`` and add LoRA adapters (r, alpha, dropout of ``spec``) on exactly
+    :func:`lora_target_names`; task type causal LM. Returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    names = lora_target_names(model, spec.vision_lora)
+    pattern = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                        target_modules=pattern, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def trainable_share(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters and the trainable share in percent."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "share_pct": 100.0 * trainable / max(total, 1)}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def format_prompt(question: str, prefix: str = TASK_PREFIX) -> str:
+    """``"<image>answer en <question>"`` (the processor adds ``<bos>`` after the image and a
+    newline at the end)."""
+    return f"<image>{prefix} {' '.join(str(question).split())}"
+
+
+class VQACollator:
+    """Items ``{"image": PIL, "question", "answer", ...}`` → a processor batch with labels on
+    answer tokens only (``prefix`` picks the task: ``"answer en"`` or ``"caption en"``)."""
+
+    def __init__(self, processor: Any, prefix: str = TASK_PREFIX, max_length: int | None = None) -> None:
+        self.processor, self.prefix, self.max_length = processor, prefix, max_length
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [format_prompt(it["question"], it.get("prefix", self.prefix)) for it in items]
+        batch = self.processor(images=[it["image"] for it in items], text=prompts,
+                               suffix=[str(it["answer"]) for it in items], return_tensors="pt",
+                               padding="longest")
+        out = dict(batch)
+        out["qids"] = [str(it.get("qid", i)) for i, it in enumerate(items)]
+        return out
+
+
+class PaliGemmaVQA(nn.Module):
+    """The (LoRA-adapted) PaliGemma behind the library's training loop: ``model(batch)``
+    returns ``{"loss"}``; :meth:`answer` generates answers."""
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__()
+        self.model, self.processor = model, processor
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def base(self) -> nn.Module:
+        """The ``PaliGemmaForConditionalGeneration`` inside (below any peft wrapper)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def grid(self) -> int:
+        return patch_grid(self.config)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
+                                                           "token_type_ids", "labels")}
+        out = self.model(**inputs)
+        return {"loss": out.loss}
+
+    def encode(self, images: Sequence[Image.Image], questions: Sequence[str],
+               prefix: str = TASK_PREFIX) -> dict[str, torch.Tensor]:
+        """Prompt inputs (no answer) on the model's device."""
+        batch = self.processor(images=list(images), text=[format_prompt(q, prefix) for q in questions],
+                               return_tensors="pt", padding="longest")
+        device = next(self.parameters()).device
+        dtype = next(p for p in self.parameters() if p.is_floating_point()).dtype
+        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 10,
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               prefix: str = TASK_PREFIX) -> list[str]:
+        """Generated answers (greedy, or sampled with ``do_sample``), special tokens dropped."""
+        self.eval()
+        inputs = self.encode(images, questions, prefix)
+        kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        ids = self.model.generate(**inputs, **kwargs)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable tensors (the LoRA adapters)."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
