@@ -530,9 +530,8 @@ def compare_with_prior(records: Sequence[RunRecord], prior_scored: Mapping[str, 
     by_dataset: dict[str, list[RunRecord]] = {}
     for r in records:
         by_dataset.setdefault(r.dataset, []).append(r)
-    table = compare_to_prior({k: seed_mean_scores(v) for k, v in by_dataset.items()}, prior_scored,
-                             n_resamples=n_resamples, seed=seed)
-    return table.rename(columns={"MISS − prior (pp)": "CMDPI − prior (pp)"})
+    return compare_to_prior({k: seed_mean_scores(v) for k, v in by_dataset.items()}, prior_scored,
+                            n_resamples=n_resamples, seed=seed, label="CMDPI")
 
 
 def per_group(records: Mapping[str, Sequence[RunRecord]], by: str, min_n: int = 1) -> pd.DataFrame:

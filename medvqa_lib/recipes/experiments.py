@@ -155,3 +155,22 @@ def image_reliance(records: Sequence[RunRecord], n_resamples: int = 1000, seed: 
                          "95% CI": f"[{r['low']:.1f}, {r['high']:.1f}]",
                          "uses the image": bool(r["low"] > 0)})
     return pd.DataFrame(rows).set_index(["dataset", "questions"])
+
+
+def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
+                     n_resamples: int = 1000, seed: int = 0, label: str = "MISS") -> pd.DataFrame:
+    """Paired bootstrap of model − prior accuracy per dataset and answer type (percentage
+    points, 95 % interval, column ``"<label> − prior (pp)"``); ``supported`` when the whole
+    interval is above zero."""
+    rows = []
+    for name, scored in model_scored.items():
+        if name not in prior_scored:
+            continue
+        for answer_type in ("closed", "open"):
+            r = paired_bootstrap(scored, prior_scored[name], n_resamples=n_resamples, seed=seed,
+                                 answer_type=answer_type)
+            rows.append({"dataset": name, "questions": answer_type, "n": r["n"],
+                         f"{label} − prior (pp)": round(r["delta"], 1),
+                         "95% CI": f"[{r['low']:.1f}, {r['high']:.1f}]",
+                         "supported": bool(r["low"] > 0)})
+    return pd.DataFrame(rows).set_index(["dataset", "questions"])

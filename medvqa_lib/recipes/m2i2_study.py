@@ -341,9 +341,7 @@ def compare_with_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: M
                        n_resamples: int = 1000, seed: int = 0, label: str = FULL) -> pd.DataFrame:
     """Paired bootstrap of model − prior accuracy per dataset and answer type (percentage
     points, 95 % interval; ``supported`` when the whole interval is above zero)."""
-    table = compare_to_prior(model_scored, prior_scored, n_resamples=n_resamples, seed=seed)
-    delta = [c for c in table.columns if c.endswith("− prior (pp)")]
-    return table.rename(columns={delta[0]: f"{label} − prior (pp)"}) if delta else table
+    return compare_to_prior(model_scored, prior_scored, n_resamples=n_resamples, seed=seed, label=label)
 
 
 def measured_rows(dataset: str, records: Sequence[RunRecord], prior_scored: pd.DataFrame,

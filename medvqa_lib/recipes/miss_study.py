@@ -27,9 +27,8 @@ import torch
 
 from medvqa_lib.config import Profile, resolve_data_dir
 from medvqa_lib.data.schema import CaptionSample, LabelledImage
-from medvqa_lib.evaluation import paired_bootstrap
 from medvqa_lib.models.miss import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
-from medvqa_lib.recipes.experiments import seed_mean_scores, slug, snapshot
+from medvqa_lib.recipes.experiments import compare_to_prior, seed_mean_scores, slug, snapshot
 from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, pretrain
 from medvqa_lib.training import TrainResult, seed_everything
 
@@ -223,19 +222,3 @@ def retrieval_recall(model: MISS, captions: Sequence[CaptionSample], tokenizer: 
     return pd.DataFrame(rows).set_index("k").round(1)
 
 
-def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
-                     n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Paired bootstrap of model − prior accuracy per dataset and answer type (percentage
-    points, 95 % interval); ``supported`` when the whole interval is above zero."""
-    rows = []
-    for name, scored in model_scored.items():
-        if name not in prior_scored:
-            continue
-        for answer_type in ("closed", "open"):
-            r = paired_bootstrap(scored, prior_scored[name], n_resamples=n_resamples, seed=seed,
-                                 answer_type=answer_type)
-            rows.append({"dataset": name, "questions": answer_type, "n": r["n"],
-                         "MISS − prior (pp)": round(r["delta"], 1),
-                         "95% CI": f"[{r['low']:.1f}, {r['high']:.1f}]",
-                         "supported": bool(r["low"] > 0)})
-    return pd.DataFrame(rows).set_index(["dataset", "questions"])

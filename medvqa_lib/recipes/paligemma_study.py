@@ -481,10 +481,9 @@ def saliency_for(vqa: PaliGemmaVQA, image: Any, question: str, *, layer: int = -
 def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
                      n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Paired bootstrap of PaliGemma − prior accuracy (percentage points, 95 % interval)."""
-    from medvqa_lib.recipes.miss_study import compare_to_prior as paired
+    from medvqa_lib.recipes.experiments import compare_to_prior as paired
 
-    table = paired(model_scored, prior_scored, n_resamples=n_resamples, seed=seed)
-    return table.rename(columns={"MISS − prior (pp)": "PaliGemma − prior (pp)"})
+    return paired(model_scored, prior_scored, n_resamples=n_resamples, seed=seed, label="PaliGemma")
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
