@@ -285,6 +285,7 @@ recall_table
 
 # %%
 from medvqa_lib.recipes.experiments import finetune_and_test
+from medvqa_lib.recipes.run_store import save_runs
 
 make_full = finetune_factory(study.model, pretrained[full_label], backbone, study.untie_decoder)
 records = []
@@ -292,6 +293,7 @@ for name, splits in suite.items():
     records += finetune_and_test("MISS", make_full, {name: splits}, study.seeds, tokenizer,
                                  study.finetune_settings(name), out / "runs" / "finetune", cache,
                                  image_control=True)
+save_runs("MISS", records, out / "main_runs.csv", {s.qid: s for sp in suite.values() for s in sp["test"]})
 
 # %% [markdown]
 # Validation accuracy after each fine-tuning epoch (greedy answers on validation questions;

@@ -44,7 +44,7 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
 # None keeps the profile's value (see medvqa_lib.recipes.m2i2_study.study_plan).
-profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop, ~30 min), "gpu" (the paper's schedule)
+profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop, ~20 min), "gpu" (the paper's schedule)
 data_dir = None  # folder with vqa_rad/ and slake/ (pathvqa/, roco/); None → $MEDVQA_DATA_DIR
 seed = 0
 seeds = None  # fine-tuning seeds of Tables 1-3, e.g. [0, 1, 2]
@@ -66,6 +66,8 @@ num_beams = None  # beams of answer generation (1: greedy)
 max_new_tokens = None
 rank_k = None  # rank mode: candidates kept after the first-token pre-selection (None: profile)
 run_ablations = True
+ablation_epochs = None  # fine-tuning epochs of the Table 4 runs (None: the profile's)
+ablation_train_limit = None  # training questions of each Table 4 run (None: the profile's)
 run_rank_mode = True
 bootstrap_resamples = None
 
@@ -103,6 +105,7 @@ study = study_plan(
     finetune=stage(lr=finetune_lr, batch_size=batch_size, num_beams=num_beams,
                    max_new_tokens=max_new_tokens),
     **stage(finetune_epochs=finetune_epochs, pairs=pairs, rank_k=rank_k, datasets=datasets,
+            ablation_epochs=ablation_epochs, ablation_train_limit=ablation_train_limit,
             seeds=prof.seeds if seeds is not None else None))
 backbone = select_text_backbone(study.model.text_backbone)
 tokenizer = backbone.tokenizer
@@ -278,12 +281,14 @@ del probe, before, after
 # %%
 from medvqa_lib.recipes.experiments import finetune_and_test
 from medvqa_lib.recipes.m2i2_study import finetune_factory
+from medvqa_lib.recipes.run_store import save_runs
 
 records = []
 for name, splits in suite.items():
     records += finetune_and_test(FULL, finetune_factory(study.model, pretrained[FULL], backbone),
                                  {name: splits}, study.seeds, tokenizer, study.finetune_settings(name),
                                  out / "runs" / "finetune", ft_cache, image_control=True)
+save_runs("M2I2", records, out / "main_runs.csv", {s.qid: s for sp in suite.values() for s in sp["test"]})
 first = {r.dataset: r for r in records if r.seed == study.seeds[0]}
 fig = plots.plot_training_curves({f"{r.dataset}, seed {r.seed}": r.train.out_dir for r in records}, ["loss"],
                                  title="Fine-tuning: the answer loss (Eq. 5)", smooth=3)
@@ -389,10 +394,13 @@ reliance
 # %% [markdown]
 # ### Table 4: ablations
 #
-# On every dataset, one seed each (the first), the same fine-tuning schedule: without
-# pre-training (the text stack from its BERT/MiniLM weights, a new image encoder), pre-trained
-# without MIM, pre-trained without ITC, and the full model (its first-seed run from above). The
-# 95 % intervals are bootstrap intervals over test questions; the last column is the paired change
+# On the ablation datasets (`ablation_datasets`: SLAKE on `cpu`), one seed each (the first),
+# one fine-tuning schedule for all rows: without pre-training (the text stack from its
+# BERT/MiniLM weights, a new image encoder), pre-trained without MIM, pre-trained without ITC,
+# and the full model. When the ablation schedule is the main one (`gpu`), the full model's row is
+# its first-seed run from above; on `cpu` the ablations are shorter (`ablation_epochs`,
+# `ablation_train_limit`) and the full model is fine-tuned again on the same short schedule, so
+# the rows differ only in pre-training. The 95 % intervals are bootstrap intervals over test questions; the last column is the paired change
 # of overall accuracy against the full model. Differences smaller than the interval widths are
 # not evidence either way.
 
@@ -402,15 +410,19 @@ from medvqa_lib.recipes.m2i2_study import ablation_table
 ablation_records, ablation_tables = {}, {}
 if run_ablations:
     for name in study.ablation_sets(list(suite)):
-        settings = study.finetune_settings(name)
+        settings, splits = study.ablation_settings(name), study.ablation_splits(suite[name], seed)
+        plan = {"w/o pre-training": None, "w/o MIM": pretrained["w/o MIM"], "w/o ITC": pretrained["w/o ITC"]}
+        if not study.ablation_matches_main(name):  # the full model on the ablations' schedule
+            plan = {FULL: pretrained[FULL], **plan}
         runs = {}
-        for label, state in {"w/o pre-training": None, "w/o MIM": pretrained["w/o MIM"],
-                             "w/o ITC": pretrained["w/o ITC"]}.items():
+        for label, state in plan.items():
             config = variants.get(label, study.model)
             runs[label] = finetune_and_test(label, finetune_factory(config, state, backbone),
-                                            {name: suite[name]}, study.seeds[:1], tokenizer, settings,
+                                            {name: splits}, study.seeds[:1], tokenizer, settings,
                                             out / "runs" / "ablations", ft_cache)[0]
-        runs[FULL] = first[name]
+        runs.setdefault(FULL, first[name])
+        print(f"Table 4 on {name}: {settings.epochs} epoch(s) on {len(splits['train'])} training questions, "
+              f"seed {study.seeds[0]}")
         ablation_records[name] = runs
         ablation_tables[name] = ablation_table(runs, n_resamples=prof.bootstrap_resamples, seed=seed)
     if ablation_tables:

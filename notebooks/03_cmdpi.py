@@ -62,6 +62,8 @@ seeds = None  # fine-tuning seeds of Tables 1-2, e.g. [0, 1, 2]
 ablation_seeds = None  # seeds of every ablation and sweep run, e.g. [0]
 ablation_dataset = None  # dataset of Figures 6-15 (None: the profile's; VQA-RAD on gpu)
 ablation_epochs = None  # fine-tuning epochs of the ablation and sweep runs (None: as Tables 1-2)
+ablation_max_train = None  # training questions of each ablation and sweep run (None: the profile's)
+pretrain_ablations = None  # Figure 6-7 variants to run, e.g. ["w/o inter-contrast"] (None: the profile's)
 image_size = None  # pixels (the paper: 224)
 vision_depth = None  # ViT layers
 text_depth = None  # text encoder layers taken from the backbone (None: all)
@@ -80,7 +82,7 @@ pretrain_vqa = None  # "train" (training questions), "synthetic" (generated), "n
 pretrain_vqa_limit = None  # pre-training questions per dataset (None: all)
 max_train = None  # fine-tuning questions per dataset (None: all)
 frozen = None  # parameter-name prefixes without gradient, e.g. [] (cpu: the text word embeddings)
-run_ablations = None  # Figures 6-8 (None: the profile's; off on cpu, where they add ~25 min)
+run_ablations = None  # Figures 6-8 (None: the profile's)
 run_sweeps = False  # appendix: Figure 13, Tables 3-5, Figures 14-15
 tsne_points = 800  # test questions in Figure 9
 bootstrap_resamples = None
@@ -118,7 +120,8 @@ study = study_plan(
     finetune=keep(lr=finetune_lr, batch_size=batch_size),
     **keep(finetune_epochs=finetune_epochs, captions=captions, pretrain_vqa=pretrain_vqa,
            pretrain_vqa_limit=pretrain_vqa_limit, max_train=max_train, ablation_dataset=ablation_dataset,
-           ablation_epochs=ablation_epochs, run_ablations=run_ablations,
+           ablation_epochs=ablation_epochs, ablation_max_train=ablation_max_train, run_ablations=run_ablations,
+           pretrain_ablations=None if pretrain_ablations is None else tuple(pretrain_ablations),
            frozen=None if frozen is None else tuple(frozen),
            ablation_seeds=None if ablation_seeds is None else tuple(ablation_seeds)))
 backbone = select_text_backbone(study.model.text_backbone)
@@ -248,7 +251,7 @@ corpus_table
 # %%
 from medvqa_lib.recipes.cmdpi_study import PRETRAIN_VARIANTS, pretrain_variant
 
-pre_plan = PRETRAIN_VARIANTS if run_ablations else {"CMDPI": {}}
+pre_plan = {"CMDPI": PRETRAIN_VARIANTS["CMDPI"], **(study.pretrain_ablation_plan() if run_ablations else {})}
 pretrained, pre_results = {}, {}
 for label, switches in pre_plan.items():
     pretrained[label], pre_results[label] = pretrain_variant(
@@ -310,6 +313,7 @@ unseen
 from medvqa_lib.data.suite import cap
 from medvqa_lib.models.cmdpi import build_answer_vocab, load_pretrained_for_finetune
 from medvqa_lib.recipes.cmdpi_study import SimilarityIndex, finetune_and_test
+from medvqa_lib.recipes.run_store import save_runs
 
 similarity = {}
 
@@ -333,6 +337,7 @@ for name, splits in suite.items():
         study.finetune_settings(name), out / "runs" / "finetune", backbone,
         similarity=similarity_for("CMDPI", name), heads_for=heads_for if name == abl else None,
         image_control=True, **study.finetune_options())
+save_runs("CMDPI", records, out / "main_runs.csv", {s.qid: s for sp in suite.values() for s in sp["test"]})
 
 # %% [markdown]
 # How the 0.75 threshold cuts the pre-trained model's image similarities (quantiles of all
@@ -501,35 +506,38 @@ from medvqa_lib.recipes.cmdpi_study import FINETUNE_VARIANTS, ablation_table, va
 
 abl_seeds = study.ablation_seeds
 abl_settings = study.ablation_settings(abl)
-same_schedule = abl_settings.epochs == study.finetune_settings(abl).epochs
+same_schedule = study.ablation_matches_main(abl)
 full_records = [r for r in records if same_schedule and r.dataset == abl and r.seed in abl_seeds]
 missing = [s for s in abl_seeds if s not in {r.seed for r in full_records}]
 if run_ablations and missing:  # ablation seeds (or an ablation schedule) that Tables 1-2 did not run
     full_records += finetune_and_test(
         "CMDPI", study.model, pretrained["CMDPI"], corpus.vocab, abl, suite[abl], missing, tokenizer, cache,
         abl_settings, out / "runs" / "ablations", backbone, similarity=similarity_for("CMDPI", abl),
-        heads_for=heads_for, **study.finetune_options())
+        heads_for=heads_for, **study.ablation_options())
 pre_records, ft_records = {"CMDPI": full_records}, {"CMDPI": full_records}
-note = f"{abl} test · ablations: {len(abl_seeds)} seed(s), {abl_settings.epochs} epoch(s) · {prof.name} profile"
+n_abl_train = min(len(suite[abl]["train"]), study.ablation_max_train or study.max_train or len(suite[abl]["train"]))
+note = (f"{abl} test · ablations: {len(abl_seeds)} seed(s), {abl_settings.epochs} epoch(s) on {n_abl_train} "
+        f"training questions · {prof.name} profile")
 if not run_ablations:
-    print(f"run_ablations is off (the {prof.name} profile's default; on cpu the ablations add about 25 min): "
-          "set run_ablations=True in the parameters cell for Figures 6-8.")
+    print("run_ablations is off: set run_ablations=True in the parameters cell for Figures 6-8.")
 if run_ablations:
-    for label, switches in PRETRAIN_VARIANTS.items():
-        if label == "CMDPI":
-            continue
+    skipped = [k for k in PRETRAIN_VARIANTS if k != "CMDPI" and k not in study.pretrain_ablation_plan()]
+    if skipped:
+        print(f"not run on the {prof.name} profile (pretrain_ablations): {', '.join(skipped)}")
+    for label, switches in study.pretrain_ablation_plan().items():
         pre_records[label] = finetune_and_test(
             label, study.model.replace(**switches), pretrained[label], corpus.vocab, abl, suite[abl], abl_seeds,
             tokenizer, cache, abl_settings, out / "runs" / "ablations", backbone,
-            similarity=similarity_for(label, abl), **study.finetune_options())
+            similarity=similarity_for(label, abl), **study.ablation_options())
     pre_records["w/o pre-training"] = finetune_and_test(
         "w/o pre-training", study.model, None, None, abl, suite[abl], abl_seeds, tokenizer, cache, abl_settings,
-        out / "runs" / "ablations", backbone, **study.finetune_options())
+        out / "runs" / "ablations", backbone, **study.ablation_options())
     fig67 = ablation_table(pre_records, n_resamples=prof.bootstrap_resamples, seed=seed)
     atomic_write_text(out / "figure6_7_pretraining_ablation.csv", fig67.to_csv())
     display(fig67)
-    variant_bars(fig67.loc[["CMDPI", "Contra.QA"]], "Figure 6: VQA data in contrastive learning", note)
-    variant_bars(fig67.drop(index="Contra.QA"), "Figure 7: pre-training techniques", note)
+    if "Contra.QA" in fig67.index:
+        variant_bars(fig67.loc[["CMDPI", "Contra.QA"]], "Figure 6: VQA data in contrastive learning", note)
+    variant_bars(fig67.drop(index="Contra.QA", errors="ignore"), "Figure 7: pre-training techniques", note)
 
 # %% [markdown]
 # ### Figure 8: fine-tuning techniques
@@ -548,7 +556,7 @@ if run_ablations:
             label, study.model.replace(**switches), pretrained["CMDPI"], corpus.vocab, abl, suite[abl], abl_seeds,
             tokenizer, cache, abl_settings, out / "runs" / "ablations", backbone,
             similarity=similarity_for("CMDPI", abl), heads_for=heads_for if label == "w/o head mixup" else None,
-            **study.finetune_options())
+            **study.ablation_options())
     fig8 = ablation_table(ft_records, n_resamples=prof.bootstrap_resamples, seed=seed)
     atomic_write_text(out / "figure8_finetuning_ablation.csv", fig8.to_csv())
     display(fig8)
@@ -656,7 +664,7 @@ def sweep(name, points, make_config, default=None, pretrain=False):
         recs[label] = finetune_and_test(
             label, config, state, corpus.vocab, abl, suite[abl], abl_seeds, tokenizer, cache, abl_settings,
             out / "runs" / "sweeps", backbone, similarity=similarity_for(label if pretrain else "CMDPI", abl),
-            **study.finetune_options())
+            **study.ablation_options())
         sweep_runs.extend(recs[label])
     table = ablation_table(recs, reference=reference, n_resamples=prof.bootstrap_resamples, seed=seed)
     table.insert(1, "val acc (best epoch)", [round(sum(r.train.best_metric for r in v) / len(v), 1)

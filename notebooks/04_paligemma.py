@@ -305,6 +305,19 @@ if stage1_name != target_name:
         stage1["test"], QuestionOnlyPrior().fit(stage1["train"]).predict(stage1["test"]))
 vs_prior = pg.compare_to_prior(model_scored, prior_scored, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "paligemma_vs_prior.csv", vs_prior.to_csv())
+# the runs the comparison chapter reads: the target set with the pre-stage, and the stage-1 set
+from types import SimpleNamespace
+
+from medvqa_lib.recipes.run_store import save_runs
+
+stored = [SimpleNamespace(label="PaliGemma-LoRA", dataset=target_name, seed=r["seed"], scored=r["scored"],
+                          train=r["result"])
+          for r in records if r["prestage"] and r["mix"] == study.datamixes[0]]
+if stage1_name != target_name:
+    stored.append(SimpleNamespace(label="PaliGemma-LoRA", dataset=stage1_name, seed=seed, scored=stage1_scored,
+                                  train=stage1_result))
+save_runs("PaliGemma-LoRA", stored, out / "main_runs.csv",
+          {s.qid: s for part in (stage1, target) for s in part["test"]})
 vs_prior
 
 # %% [markdown]

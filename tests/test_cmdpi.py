@@ -271,6 +271,10 @@ def test_similar_pairs_respect_the_threshold_and_exclude_self():
     torch.manual_seed(0)
     assert {table.sample("a") for _ in range(30)} == {"b", "d"}
     assert SimilarImages.from_dict(table.to_dict()) == table
+    # a capped training subset: partners outside it are dropped, never sampled
+    sub = table.restricted_to(["a", "b", "c"])
+    assert sub.partners == {"a": ["b"], "b": ["a"], "c": []} and sub.threshold == 0.75
+    assert {sub.sample("a") for _ in range(10)} == {"b"}
 
 
 # ----------------------------------------------------------------------------- answer set

@@ -63,7 +63,7 @@ def test_study_plan_follows_the_profile_and_overrides(tmp_path):
     assert plan.model.rec_depth == 2 and plan.finetune.lr == 3e-5 and plan.captions == 10
     assert plan.finetune_settings("slake").epochs == 5
     assert plan.finetune_settings("elsewhere").epochs == plan.finetune_epochs["default"]
-    assert plan.seeds == (0, 1) and plan.ablation_seeds == (0,) and not plan.run_ablations
+    assert plan.seeds == (0, 1) and plan.ablation_seeds == (0,) and plan.run_ablations
     assert study_plan(get_profile("smoke"), tmp_path).seeds == get_profile("smoke").seeds
     assert study_plan(get_profile("smoke"), tmp_path).run_ablations
     assert plan.sweeps["alpha"] == [(1.0, 0.5)]  # lists from a parameters cell become tuples
@@ -84,12 +84,13 @@ def test_study_plan_follows_the_profile_and_overrides(tmp_path):
         study_plan(replace(get_profile("cpu"), name="tpu"), tmp_path)
 
 
-def test_cpu_plan_main_results_fit_25_minutes_at_the_measured_speed(tmp_path):
+def test_cpu_plan_main_results_and_ablations_fit_25_minutes_at_the_measured_speed(tmp_path):
     plan = study_plan(get_profile("cpu"), tmp_path)
+    assert plan.run_ablations
     sizes = {"vqa-rad": {"train": 2742, "val": 300, "test": 451}, "slake": {"train": 4919, "val": 1053, "test": 1061}}
     corpus = plan.captions + 2 * plan.pretrain_vqa_limit
-    assert estimate_seconds(plan, sizes, corpus, run_ablations=False)["total"] <= 25 * 60
     est = estimate_seconds(plan, sizes, corpus, run_ablations=True)
+    assert est["total"] <= 23 * 60  # leaves two minutes for figures, bootstraps and loading
     assert set(est) == {"pre-training", "fine-tuning", "ablations", "total"}
     with_sweeps = estimate_seconds(plan, sizes, corpus, run_sweeps=True)
     assert with_sweeps["total"] > est["total"]
@@ -278,10 +279,11 @@ def test_pretrain_then_finetune_selects_on_validation_and_answers_test_once(tiny
 
 
 def test_ablation_epochs_change_only_the_ablation_schedule(tmp_path):
-    plan = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=1)
+    every = dict(pretrain_ablations=None, ablation_max_train=None)
+    plan = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=1, **every)
     assert plan.ablation_settings("slake").epochs == 1
     assert plan.finetune_settings("slake").epochs == plan.epochs_for("slake") == 2
-    same = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=None)
+    same = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=None, **every)
     assert same.ablation_settings("vqa-rad").epochs == same.epochs_for("vqa-rad")
     sizes = {"slake": {"train": 1000, "val": 100, "test": 100}}
     speed = {"pretrain": 40.0, "finetune": 12.0, "predict": 3.0}
@@ -290,5 +292,23 @@ def test_ablation_epochs_change_only_the_ablation_schedule(tmp_path):
     # 1 epoch: 8 variants + the full model again at the ablation schedule = 9 runs
     assert estimate_seconds(plan, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(9 * 12.6)
     # 2 epochs = SLAKE's main schedule: the main run is reused, 8 runs
-    two = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=2)
+    two = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=2, **every)
+    assert two.ablation_matches_main("slake")
     assert estimate_seconds(two, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(8 * 24.9)
+
+
+def test_ablation_subset_and_training_cap(tmp_path):
+    plan = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=2, ablation_max_train=500,
+                      pretrain_ablations=["w/o inter-contrast"])
+    assert list(plan.pretrain_ablation_plan()) == ["w/o inter-contrast"]
+    assert plan.ablation_options()["max_train"] == 500 and plan.finetune_options()["max_train"] is None
+    # same epochs but fewer training questions: the full model is run again for the ablations
+    assert not plan.ablation_matches_main("slake")
+    sizes = {"slake": {"train": 1000, "val": 100, "test": 100}}
+    speed = {"pretrain": 40.0, "finetune": 12.0, "predict": 3.0}
+    pre = 1 * 10 * 40.0 / 1000
+    # 1 pre-training variant + w/o pre-training + 2 fine-tuning variants + the full model = 5 runs
+    # of 2 x (500 x 12 + 100 x 3) + 100 x 3 per 1,000 = 12.9 s
+    assert estimate_seconds(plan, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(5 * 12.9)
+    with pytest.raises(ValueError, match="unknown pre-training ablations"):
+        study_plan(get_profile("cpu"), tmp_path, pretrain_ablations=["w/o everything"])

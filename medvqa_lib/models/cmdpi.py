@@ -957,6 +957,13 @@ class SimilarImages:
         options = self.partners.get(image_id, [])
         return options[int(torch.randint(len(options), ()))] if options else image_id
 
+    def restricted_to(self, image_ids: Iterable[str]) -> SimilarImages:
+        """The same pairs among ``image_ids`` only (e.g. a capped training subset): a partner
+        outside the set is dropped, so difference reconstruction never reads an unseen image."""
+        keep = set(image_ids)
+        return SimilarImages(self.threshold, {k: [p for p in v if p in keep]
+                                              for k, v in self.partners.items() if k in keep})
+
     def share_with_partner(self) -> float:
         """Fraction of images that have at least one similar image."""
         return sum(bool(v) for v in self.partners.values()) / max(len(self.partners), 1)

@@ -119,6 +119,11 @@ class CMDPIStudy:
     #: fine-tuning epochs of the ablation and sweep runs (None: as the main runs); when it
     #: differs from the main runs, the full model is fine-tuned again with it for the comparison
     ablation_epochs: int | None = None
+    #: training questions of each ablation and sweep run (None: as the main runs, ``max_train``)
+    ablation_max_train: int | None = None
+    #: the Figure 6-7 pre-training variants run as ablations (labels of
+    #: :data:`PRETRAIN_VARIANTS`; None: all of them)
+    pretrain_ablations: tuple[str, ...] | None = None
     #: points of the appendix sweeps: alpha (alpha, alpha'), rec_weights (w_img, w_txt, w_ans),
     #: ft_weights (w_mix, w_diff), threshold, beta (a, b), fixed (lambda)
     sweeps: dict[str, list] = field(default_factory=dict)
@@ -127,7 +132,7 @@ class CMDPIStudy:
     frozen: tuple[str, ...] = ()
     #: keep the ``best/`` checkpoint folders of every run (off: deleted once loaded)
     keep_checkpoints: bool = False
-    #: run the ablations of Figures 6-8 (off on ``cpu``, where they add about 25 minutes)
+    #: run the ablations of Figures 6-8
     run_ablations: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -137,6 +142,12 @@ class CMDPIStudy:
         self.seeds = tuple(self.seeds)
         self.ablation_seeds = tuple(self.ablation_seeds)
         self.frozen = tuple(self.frozen)
+        if self.pretrain_ablations is not None:
+            self.pretrain_ablations = tuple(self.pretrain_ablations)
+            unknown = [x for x in self.pretrain_ablations if x not in PRETRAIN_VARIANTS]
+            if unknown:
+                raise ValueError(f"unknown pre-training ablations {unknown}; choose from "
+                                 f"{', '.join(k for k in PRETRAIN_VARIANTS if k != 'CMDPI')}")
 
     def epochs_for(self, dataset: str) -> int:
         return self.finetune_epochs.get(dataset, self.finetune_epochs.get("default", self.finetune.epochs))
@@ -147,6 +158,22 @@ class CMDPIStudy:
     def ablation_settings(self, dataset: str) -> StageSettings:
         """Fine-tuning settings of the ablation and sweep runs on ``dataset``."""
         return dataclasses.replace(self.finetune, epochs=self.ablation_epochs or self.epochs_for(dataset))
+
+    def ablation_matches_main(self, dataset: str) -> bool:
+        """Whether the ablation runs on ``dataset`` train exactly like the main runs (then the
+        full model's main runs serve as the ablations' reference; else it is run again)."""
+        return (self.ablation_settings(dataset).epochs == self.finetune_settings(dataset).epochs
+                and (self.ablation_max_train or self.max_train) == self.max_train)
+
+    def pretrain_ablation_plan(self) -> dict[str, dict[str, Any]]:
+        """The pre-training variants of the ablations (without the full model)."""
+        wanted = self.pretrain_ablations
+        return {k: v for k, v in PRETRAIN_VARIANTS.items()
+                if k != "CMDPI" and (wanted is None or k in wanted)}
+
+    def ablation_options(self) -> dict[str, Any]:
+        """:meth:`finetune_options` of the ablation and sweep runs."""
+        return dict(self.finetune_options(), max_train=self.ablation_max_train or self.max_train)
 
     def pretrain_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`pretrain_variant` that every run of the study shares."""
@@ -186,17 +213,19 @@ _PLANS: dict[str, dict[str, Any]] = {
                   finetune_epochs={"default": 1}, captions=16, pretrain_vqa="train", pretrain_vqa_limit=16,
                   max_train=48, frozen=_WORD_EMBEDDINGS, sweeps=_SWEEPS_SMOKE),
     # 2 cores, bf16 autocast, VQA-RAD + SLAKE: the main results (Tables 1-2, Figures 5, 9-12,
-    # the prior and the image control) took 19.7 min measured with run_ablations=False; the
-    # ablations (Figures 6-8: six more pre-trainings, nine one-epoch SLAKE fine-tunings) add
-    # about 25 min by estimate_seconds. They run on SLAKE: at this scale VQA-RAD's answers do
-    # not depend on the image, so the variants could not be told apart there
+    # the prior and the image control) and the main ablations: the two contrastive terms of
+    # Figure 7, no pre-training, and Figure 8, each fine-tuned one epoch on 1,500 SLAKE
+    # questions. They run on SLAKE: at this scale VQA-RAD's answers do not depend on the
+    # image, so the variants could not be told apart there. The reconstruction removals and
+    # Contra.QA (pretrain_ablations=None) add about 3 min
     "cpu": dict(model=dict(image_size=96, max_text_len=48),
                 pretrain=dict(epochs=1, batch_size=32, lr=2e-4, warmup_ratio=0.05, max_text_len=48),
                 finetune=dict(epochs=3, batch_size=32, lr=1e-4, warmup_ratio=0.05, eval_limit=None),
-                finetune_epochs={"vqa-rad": 3, "slake": 2, "synthetic": 2, "default": 3},
+                finetune_epochs={"vqa-rad": 2, "slake": 2, "synthetic": 2, "default": 3},
                 captions=300, pretrain_vqa="train", pretrain_vqa_limit=300, max_train=None,
-                seeds=(0, 1), ablation_dataset="slake", ablation_epochs=1, frozen=_WORD_EMBEDDINGS,
-                sweeps=_SWEEPS_FEW, run_ablations=False),
+                seeds=(0, 1), ablation_dataset="slake", ablation_epochs=1, ablation_max_train=1500,
+                pretrain_ablations=("w/o inter-contrast", "w/o intra-contrast"), frozen=_WORD_EMBEDDINGS,
+                sweeps=_SWEEPS_FEW, run_ablations=True),
     # the paper (Sec. 4.2): AdamW, pre-training up to 100 epochs, fine-tuning lr 7.5e-6 up to
     # 300 epochs, batch 32; pre-training lr and weight decay are not given (1e-4 / 0.05 here)
     "gpu": dict(model=dict(),
@@ -446,7 +475,7 @@ def finetune_and_test(label: str, config: CMDPIConfig, state: Mapping[str, torch
         if config.difference_reconstruction:
             if similarity is None:  # the pre-trained model, before any fine-tuning step
                 similarity = SimilarityIndex(model, train, cache)
-            similar = similarity.table(config.sim_threshold)
+            similar = similarity.table(config.sim_threshold).restricted_to(s.image_id for s in train)
         model.set_stage("finetune")
         freeze(model, frozen)
         out = Path(out_dir) / _slug(label) / dataset / f"seed{seed}"
@@ -695,7 +724,8 @@ def estimate_seconds(study: CMDPIStudy, datasets: Mapping[str, Mapping[str, int]
 
     def fine(name: str, n_runs: int, ablation: bool = False) -> float:
         d = datasets[name]
-        n_train = min(d["train"], study.max_train or d["train"])
+        limit = (study.ablation_max_train or study.max_train) if ablation else study.max_train
+        n_train = min(d["train"], limit or d["train"])
         val = min(d["val"], study.finetune.eval_limit or d["val"])
         epochs = (study.ablation_settings if ablation else study.finetune_settings)(name).epochs
         per_run = epochs * (n_train * sp["finetune"] + val * sp["predict"]) + d["test"] * sp["predict"]
@@ -705,10 +735,11 @@ def estimate_seconds(study: CMDPIStudy, datasets: Mapping[str, Mapping[str, int]
     abl = study.ablation_dataset if study.ablation_dataset in datasets else next(iter(datasets))
     n_abl = len(study.ablation_seeds)
     if run_ablations:
-        runs = len(PRETRAIN_VARIANTS) - 1 + len(FINETUNE_VARIANTS) - 1 + 1  # + w/o pre-training
-        if study.ablation_settings(abl).epochs != study.finetune_settings(abl).epochs:
-            runs += 1  # the full model again, at the ablation epochs
-        out["ablations"] = pre(len(PRETRAIN_VARIANTS) - 1) + fine(abl, n_abl * runs, ablation=True)
+        n_pre = len(study.pretrain_ablation_plan())
+        runs = n_pre + len(FINETUNE_VARIANTS) - 1 + 1  # + w/o pre-training
+        if not study.ablation_matches_main(abl):
+            runs += 1  # the full model again, at the ablation schedule
+        out["ablations"] = pre(n_pre) + fine(abl, n_abl * runs, ablation=True)
     if run_sweeps:
         s = study.sweeps
         n_pre = len(s.get("alpha", [])) + len(s.get("rec_weights", []))

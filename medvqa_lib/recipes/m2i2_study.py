@@ -94,6 +94,10 @@ class M2I2Study:
     datasets: tuple[str, ...] = ("vqa-rad", "slake")
     #: datasets of Table 4 (None: every loaded dataset); one seed each
     ablation_datasets: tuple[str, ...] | None = None
+    #: fine-tuning epochs and training questions of the Table 4 runs (None: as the main
+    #: runs); when either differs, the full model is fine-tuned again on the same schedule
+    ablation_epochs: int | None = None
+    ablation_train_limit: int | None = None
     #: rank mode: the public code's pre-selection of the k candidates with the likeliest first
     #: token (None: score every candidate) and the datasets it runs on (None: all)
     rank_k: int | None = None
@@ -120,6 +124,24 @@ class M2I2Study:
     def finetune_image_size(self) -> int:
         return self.model.finetune_image_size or self.model.image_size
 
+    def ablation_settings(self, dataset: str) -> StageSettings:
+        """Fine-tuning settings of the Table 4 runs on ``dataset``."""
+        return dataclasses.replace(self.finetune, epochs=self.ablation_epochs or self.epochs_for(dataset))
+
+    def ablation_matches_main(self, dataset: str) -> bool:
+        """Whether the Table 4 runs on ``dataset`` train like the main runs (then the full
+        model's first-seed main run is their reference)."""
+        return (self.ablation_settings(dataset).epochs == self.epochs_for(dataset)
+                and self.ablation_train_limit is None)
+
+    def ablation_splits(self, splits: Mapping[str, Sequence[VQASample]], seed: int = 0
+                        ) -> dict[str, Sequence[VQASample]]:
+        """``splits`` with the training questions capped at ``ablation_train_limit`` (a seeded
+        random subset; validation and test untouched)."""
+        from medvqa_lib.data.suite import cap
+
+        return {**splits, "train": cap(list(splits["train"]), self.ablation_train_limit, seed)}
+
     def ablation_sets(self, available: Sequence[str]) -> list[str]:
         """The datasets of Table 4 among ``available`` (in their order)."""
         wanted = self.ablation_datasets
@@ -141,16 +163,18 @@ _PLANS: dict[str, dict[str, Any]] = {
                   finetune=dict(epochs=1, batch_size=16, lr=1e-4, weight_decay=0.002, eval_limit=32,
                                 group_size=1, num_beams=1, max_new_tokens=6, log_every=2),
                   finetune_epochs={"default": 1}, pairs=48, rank_k=8, train_limit=128),
-    # 2 cores, 29 min measured for the whole chapter on VQA-RAD + SLAKE: 3 pre-trainings (400
-    # pairs, 1 epoch, ~25 s each), 2 seeds x (VQA-RAD 3 epochs, ~3 min + SLAKE 2 epochs, ~3.5
-    # min) and the 3 ablations on SLAKE with one seed (~3.5 min each). VQA-RAD ablations are
-    # left out: at this scale its answers do not use the image (see the image control)
+    # 2 cores, VQA-RAD + SLAKE: 3 pre-trainings (400 pairs, 1 epoch, ~25 s each), 2 seeds x
+    # (VQA-RAD 2 epochs, ~2 min + SLAKE 2 epochs, ~3.5 min), and Table 4 on SLAKE with one seed:
+    # the 3 variants and the full model, each 1 epoch on 1,000 training questions (~30 s).
+    # VQA-RAD ablations and rank mode are left out: at this scale its answers do not use the
+    # image (see the image control)
     "cpu": dict(model=dict(image_size=96, vision_depth=4),
                 pretrain=dict(epochs=1, batch_size=32, lr=1e-4, weight_decay=0.002, log_every=1),
                 finetune=dict(epochs=2, batch_size=64, lr=5e-4, weight_decay=0.002, eval_limit=256,
                               group_size=4, num_beams=1, max_new_tokens=10, log_every=5),
-                finetune_epochs={"vqa-rad": 3, "slake": 2, "synthetic": 1, "default": 2},
-                pairs=400, seeds=(0, 1), rank_k=16, ablation_datasets=("slake",)),
+                finetune_epochs={"vqa-rad": 2, "slake": 2, "synthetic": 1, "default": 2},
+                pairs=400, seeds=(0, 1), rank_k=16, ablation_datasets=("slake",), ablation_epochs=1,
+                ablation_train_limit=1000, rank_datasets=("slake",)),
     # the paper (Sec. 3.2): pre-training 40 epochs, batch 32, AdamW (weight decay 0.002), lr 1e-4
     # -> 1e-5 cosine, 256 px; fine-tuning 40 epochs, batch 8, lr 2e-5 -> 1e-6, 384 px
     "gpu": dict(model={}, pretrain=dict(_PAPER_PRETRAIN),
@@ -210,19 +234,23 @@ def estimated_seconds(study: M2I2Study, sizes: Mapping[str, tuple[int, int, int]
                       speeds: Mapping[str, float] = CPU_SPEEDS, ablations: bool = True) -> dict[str, float]:
     """Seconds the study's training runs should take at ``speeds``, for datasets of ``sizes``
     (``{name: (train, val, test)}`` questions): pre-training of every variant, fine-tuning with
-    validation and test answers per seed, and the Table 4 runs (one seed, three variants)."""
+    validation and test answers per seed, and the Table 4 runs (one seed, three variants, and
+    the full model again when their schedule differs from the main runs')."""
     n_pre = len(ablation_configs(study.model)) if ablations else 1
     pre = n_pre * study.pairs * study.pretrain.epochs / speeds["pretrain"]
 
-    def run(name: str) -> float:
+    def run(name: str, ablation: bool = False) -> float:
         train, val, test = sizes[name]
-        epochs = study.epochs_for(name)
+        epochs = study.ablation_settings(name).epochs if ablation else study.epochs_for(name)
+        if ablation:
+            train = min(train, study.ablation_train_limit or train)
         val = min(val, study.finetune.eval_limit or val)
         beams = max(study.finetune.num_beams, 1)
         return epochs * (train / speeds["finetune"] + val / speeds["answer"]) + beams * test / speeds["answer"]
 
     main = len(study.seeds) * sum(run(n) for n in sizes)
-    abl = 3 * sum(run(n) for n in study.ablation_sets(list(sizes))) if ablations else 0.0
+    abl = sum((3 + (not study.ablation_matches_main(n))) * run(n, ablation=True)
+              for n in study.ablation_sets(list(sizes))) if ablations else 0.0
     return {"pre-training": pre, "fine-tuning": main, "ablations": abl, "total": pre + main + abl}
 
 
