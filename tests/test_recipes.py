@@ -106,3 +106,32 @@ def test_seeds_loop_scores_every_test_question_and_tables_mean_std(tiny, tmp_pat
     table = seed_table(records)
     assert table.loc[("tiny", "synthetic"), "seeds"] == 2
     assert " ± " in table.loc[("tiny", "synthetic"), "overall"]
+
+
+def test_decoding_is_chosen_on_validation_and_beam_kept_only_when_not_worse(monkeypatch):
+    import medvqa_lib.recipes.generative_vqa as gv
+
+    val = load_synthetic_vqa("val", **SYN)[:6]
+    calls = []
+
+    def fake_predict(model, samples, tokenizer, cache, *, num_beams, **kw):
+        calls.append(num_beams)
+        right = num_beams == 1 if winner == "greedy" else num_beams > 1
+        return {s.qid: (s.answer if right else "no such answer") for s in samples}
+
+    monkeypatch.setattr(gv, "predict", fake_predict)
+    settings = StageSettings(epochs=1, num_beams=3, eval_limit=4)
+    winner = "greedy"
+    beams, tried = gv.choose_decoding(None, val, None, None, settings, greedy_acc=None)
+    assert beams == 1 and tried == {"val_greedy": 100.0, "val_beam3": 0.0} and calls == [1, 3]
+    winner = "beam"
+    assert gv.choose_decoding(None, val, None, None, settings, greedy_acc=0.0)[0] == 3
+    # a tie keeps the configured beam search; greedy settings or the option off never decode
+    calls.clear()
+    assert gv.choose_decoding(None, val, None, None, settings, greedy_acc=100.0)[0] == 3 and calls == [3]
+    calls.clear()
+    off = StageSettings(epochs=1, num_beams=3, select_decoding=False)
+    assert gv.choose_decoding(None, val, None, None, off, None) == (3, {}) and calls == []
+    assert gv.choose_decoding(None, val, None, None, StageSettings(epochs=1, num_beams=1), None) == (1, {})
+    with pytest.raises(DataError, match="validation data only|must use"):
+        gv.choose_decoding(None, load_synthetic_vqa("test", **SYN)[:2], None, None, settings, None)

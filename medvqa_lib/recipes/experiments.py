@@ -15,7 +15,13 @@ import torch
 
 from medvqa_lib.data.schema import VQASample
 from medvqa_lib.evaluation import paired_bootstrap, score_predictions, summarize_with_ci
-from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, finetune_vqa, predict
+from medvqa_lib.recipes.generative_vqa import (
+    ImageCache,
+    StageSettings,
+    choose_decoding,
+    finetune_vqa,
+    predict,
+)
 from medvqa_lib.training import TrainResult, seed_everything
 
 
@@ -31,6 +37,10 @@ class RunRecord:
     predictions: dict[str, str] = field(default_factory=dict)
     #: the same test questions answered about another image (see :func:`shuffled_images`)
     shuffled: pd.DataFrame | None = None
+    #: beams the test was answered with (1: greedy), chosen on validation when the settings ask
+    num_beams: int | None = None
+    #: validation accuracy of each decoding tried (empty when none was chosen)
+    decoding_val: dict[str, float] = field(default_factory=dict)
 
 
 def slug(label: str) -> str:
@@ -59,8 +69,8 @@ def shuffled_images(samples: Sequence[VQASample], seed: int = 0) -> list[VQASamp
 
 
 def _answer(model: torch.nn.Module, test: Sequence[VQASample], tokenizer: Any, cache: ImageCache,
-            settings: StageSettings) -> dict[str, str]:
-    return predict(model, test, tokenizer, cache, num_beams=settings.num_beams,
+            settings: StageSettings, num_beams: int | None = None) -> dict[str, str]:
+    return predict(model, test, tokenizer, cache, num_beams=num_beams or settings.num_beams,
                    max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
 
 
@@ -73,7 +83,8 @@ def finetune_and_test(label: str, make_model: Callable[[], torch.nn.Module],
 
     ``make_model()`` must return a new model each call (e.g. from pre-trained weights).
     ``image_control``: also answer the test questions about shuffled images
-    (:func:`shuffled_images`, kept in ``RunRecord.shuffled``).
+    (:func:`shuffled_images`, kept in ``RunRecord.shuffled``). With beam search in ``settings``
+    the decoding (beam or greedy) is chosen per run on validation (:func:`choose_decoding`).
     """
     records = []
     for name, splits in datasets.items():
@@ -82,18 +93,20 @@ def finetune_and_test(label: str, make_model: Callable[[], torch.nn.Module],
             model = make_model()
             stage = replace(settings, seed=seed, out_dir=Path(out_dir) / slug(label) / name / f"seed{seed}")
             result = finetune_vqa(model, splits["train"], splits["val"], tokenizer, cache, stage)
+            beams, tried = choose_decoding(model, splits["val"], tokenizer, cache, stage, result.best_metric)
             test = [s for s in splits["test"] if test_filter is None or test_filter(s)]
-            preds = _answer(model, test, tokenizer, cache, settings)
+            preds = _answer(model, test, tokenizer, cache, settings, beams)
             scored = score_predictions(test, preds)
             shuffled = None
             if image_control:
                 moved = shuffled_images(test, seed)
-                shuffled = score_predictions(moved, _answer(model, moved, tokenizer, cache, settings))
-            records.append(RunRecord(label, name, seed, scored, result, preds, shuffled))
+                shuffled = score_predictions(moved, _answer(model, moved, tokenizer, cache, settings, beams))
+            records.append(RunRecord(label, name, seed, scored, result, preds, shuffled, beams, tried))
             if verbose:
                 acc = scored.groupby("answer_type")["exact"].mean().mul(100).round(1).to_dict()
                 print(f"{label:<24} {name:<10} seed {seed}: closed {acc.get('closed', float('nan'))}"
                       f" · open {acc.get('open', float('nan'))} · best epoch {result.best_epoch}"
+                      f" · {'greedy' if beams == 1 else f'{beams} beams'}"
                       f" · {result.time_s:.0f} s · {result.samples_per_s:.1f} samples/s")
             del model
     return records

@@ -128,6 +128,9 @@ class StageSettings:
     max_text_len: int = 32
     max_answer_len: int = 10
     num_beams: int = 3
+    #: with ``num_beams > 1``: answer the test with beam search only if it beats greedy
+    #: decoding on the validation questions (see :func:`choose_decoding`)
+    select_decoding: bool = True
     max_new_tokens: int = 10
     eval_limit: int | None = 256
     group_size: int = 1
@@ -197,6 +200,30 @@ def validation_fn(model: torch.nn.Module, val: Sequence[VQASample], tokenizer: A
 
     evaluate.split = "val"  # type: ignore[attr-defined]
     return evaluate
+
+
+def choose_decoding(model: torch.nn.Module, val: Sequence[VQASample], tokenizer: Any, cache: ImageCache,
+                    settings: StageSettings, greedy_acc: float | None) -> tuple[int, dict[str, float]]:
+    """The number of beams to answer the test with, chosen on validation data only.
+
+    ``greedy_acc`` is the validation accuracy (%) of greedy decoding on the selected epoch (what
+    :func:`validation_fn` measured); beam search with ``settings.num_beams`` beams is scored on
+    the same validation questions and kept only when it is at least as accurate. Returns the
+    beams and both accuracies.
+    """
+    ensure_splits(val, {"val"}, "choosing the decoding")
+    subset = list(val)[: settings.eval_limit] if settings.eval_limit else list(val)
+    if settings.num_beams <= 1 or not settings.select_decoding or not subset:
+        return settings.num_beams, {}
+    if greedy_acc is None:
+        preds = predict(model, subset, tokenizer, cache, num_beams=1, precision=settings.precision,
+                        max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
+        greedy_acc = float(summarize(score_predictions(subset, preds)).iloc[0]["overall_acc"])
+    preds = predict(model, subset, tokenizer, cache, num_beams=settings.num_beams, precision=settings.precision,
+                    max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
+    beam_acc = float(summarize(score_predictions(subset, preds)).iloc[0]["overall_acc"])
+    beams = settings.num_beams if beam_acc >= greedy_acc else 1
+    return beams, {"val_greedy": greedy_acc, f"val_beam{settings.num_beams}": beam_acc}
 
 
 def finetune_vqa(model: torch.nn.Module, train: Sequence[VQASample], val: Sequence[VQASample],
