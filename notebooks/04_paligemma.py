@@ -66,6 +66,7 @@ anneal_size = None
 scaling_fractions = None  # data volumes of the scaling-law runs, e.g. [0.25, 0.5, 1.0]
 scaling_epochs = None  # epochs of each scaling-law run
 consistency_runs = None  # sampled generations per question (the paper: 5)
+adapter_control = None  # tiny model: also fine-tune every weight once (None: on for smoke/cpu)
 qa_backend = "rule"  # "rule" (offline), "hf:<model>", "openai:<model>@<url>" (ollama: llama3.1)
 qa_prompt = "paligemma_qa_caption"  # or "paligemma_qa_conversation"
 saliency_layer = -2  # the penultimate layer, as the paper
@@ -190,6 +191,8 @@ fig.tight_layout()
 # captions as a stand-in for PaliGemma's pre-training; on `gpu` it is the Hub checkpoint.
 
 # %%
+import copy
+
 from medvqa_lib.models.paligemma import lora_target_names
 
 texts = [f"answer en {s.question}" for s in stage1["train"] + target["train"] + captions_qa] + \
@@ -201,6 +204,9 @@ base_result = pg.pretrain_base(vqa, captions, study, cache, out / "runs" / "base
 if base_result is not None:
     print("stand-in base pre-training:", base_result.cost_line())
 targets = lora_target_names(vqa.model, study.spec.vision_lora)
+if adapter_control is None:
+    adapter_control = study.spec.is_tiny
+full_base = copy.deepcopy(vqa) if adapter_control else None  # the base before adapters, for the control
 share = pg.add_adapters(vqa, study)
 base_adapters = vqa.trainable_state()
 print(f"LoRA r={study.spec.lora_r}, alpha={study.spec.lora_alpha}, vision mapping "
@@ -321,6 +327,32 @@ save_runs("PaliGemma-LoRA", stored, out / "main_runs.csv",
 vs_prior
 
 # %% [markdown]
+# ### The adapters or the base?
+#
+# When the adapted model does not beat the prior, either the low-rank update is too narrow for
+# what the task needs, or the base model has too little to adapt. This control separates the
+# two. The same base (before adapters) is fine-tuned in full: every weight trains on the same
+# data (the first datamix, without the pre-stage), with the same schedule and validation
+# selection and the first seed. It is compared with the matching LoRA runs (mean over seeds)
+# and with the prior on the same test questions. If full fine-tuning also stays at the prior,
+# the base is the limit. If it beats both, the adapters are.
+
+# %%
+full_result = None
+if full_base is not None:
+    main, _ = pg.load_datamix(study.datamixes[0], parts, study.max_train)
+    full_result = pg.train_stage(full_base, main, target["val"], study, cache, study.stage2_epochs,
+                                 out / "runs" / "full_control", seed)
+    full_scored = pg.evaluate(full_base, target["test"], cache, study, seed)
+    lora_runs = [_Run(r["scored"]) for r in records if not r["prestage"] and r["mix"] == study.datamixes[0]]
+    control = pg.adapter_control(full_scored, seed_mean_scores(lora_runs), prior_scored[target_name],
+                                 n_resamples=prof.bootstrap_resamples, seed=seed)
+    atomic_write_text(out / "adapter_control.csv", control.to_csv())
+    print(f"full fine-tuning on {target_name}:", full_result.cost_line())
+    del full_base
+    display(control)
+
+# %% [markdown]
 # ## Scaling law (Section 4.2, Eq. 1)
 #
 # $$\tilde L(X, D_f) = A \cdot X^{-\alpha} \cdot D_f^{-\beta} + E$$
@@ -405,7 +437,8 @@ fig.tight_layout()
 cost = pd.DataFrame([{"run": f"{'pre' if r['prestage'] else 'no pre'} · {r['mix']} · seed {r['seed']}",
                       "line": r["result"].cost_line()} for r in records]
                     + [{"run": "stage 1", "line": stage1_result.cost_line()}]
-                    + ([{"run": "stand-in base", "line": base_result.cost_line()}] if base_result else []))
+                    + ([{"run": "stand-in base", "line": base_result.cost_line()}] if base_result else [])
+                    + ([{"run": "full fine-tuning control", "line": full_result.cost_line()}] if full_result else []))
 atomic_write_text(out / "cost.csv", cost.to_csv(index=False))
 all_runs = [r["result"] for r in records] + [stage1_result]
 summary = {"profile": prof.name, "real_data": real, "stage1": stage1_name, "target": target_name,

@@ -47,7 +47,7 @@ from medvqa_lib.training import TrainConfig, Trainer, TrainResult
 __all__ = ["PaliGemmaStudy", "study_plan", "DATAMIXES", "load_datamix", "ImageCache", "build_model",
            "pretrain_base", "reset_adapters", "save_adapters", "load_adapters", "train_stage",
            "predict", "consistency_docked", "evaluate", "table_row", "eq1", "fit_scaling_law",
-           "saliency_for", "compare_to_prior"]
+           "saliency_for", "compare_to_prior", "adapter_control"]
 
 
 @dataclass
@@ -484,6 +484,29 @@ def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Map
     from medvqa_lib.recipes.experiments import compare_to_prior as paired
 
     return paired(model_scored, prior_scored, n_resamples=n_resamples, seed=seed, label="PaliGemma")
+
+
+def adapter_control(full: pd.DataFrame, lora: pd.DataFrame, prior: pd.DataFrame, n_resamples: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """Full fine-tuning vs LoRA vs the question-only prior on the same test questions, per
+    answer type: accuracies (%) and paired-bootstrap 95 % intervals of full − prior and
+    full − LoRA (``lora``: per-question accuracy, e.g. a mean over seeds)."""
+    from medvqa_lib.evaluation import paired_bootstrap
+
+    rows = []
+    for kind in ("closed", "open"):
+        if not (full["answer_type"] == kind).any():
+            continue
+        acc = {name: round(100 * frame.loc[frame["answer_type"] == kind, "exact"].astype(float).mean(), 1)
+               for name, frame in (("full fine-tuning (%)", full), ("LoRA (%)", lora), ("prior (%)", prior))}
+        vs_prior = paired_bootstrap(full, prior, n_resamples=n_resamples, seed=seed, answer_type=kind)
+        vs_lora = paired_bootstrap(full, lora, n_resamples=n_resamples, seed=seed, answer_type=kind)
+        rows.append({"questions": kind, "n": vs_prior["n"], **acc,
+                     "full − prior (pp)": round(vs_prior["delta"], 1),
+                     "full − prior 95% CI": f"[{vs_prior['low']:.1f}, {vs_prior['high']:.1f}]",
+                     "full − LoRA (pp)": round(vs_lora["delta"], 1),
+                     "full − LoRA 95% CI": f"[{vs_lora['low']:.1f}, {vs_lora['high']:.1f}]"})
+    return pd.DataFrame(rows).set_index("questions")
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
