@@ -32,8 +32,15 @@ from medvqa_lib.recipes.experiments import compare_to_prior, seed_mean_scores, s
 from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, pretrain
 from medvqa_lib.training import TrainResult, seed_everything
 
-__all__ = ["MISSStudy", "study_plan", "caption_pairs", "transcap_pool", "subset", "pretrain_variant",
+__all__ = ["REPORTED", "MISSStudy", "study_plan", "caption_pairs", "transcap_pool", "subset", "pretrain_variant",
            "finetune_factory", "retrieval_recall", "seed_mean_scores", "compare_to_prior"]
+
+#: the MISS paper's own numbers per dataset: (row label, closed, open, overall) in %
+REPORTED: dict[str, list[tuple[str, float, float, float]]] = {  # Table 1 ("OURS (w/o TransCap)"), Table 3
+    "vqa-rad": [("MISS (w/o TransCap), paper Table 1", 80.35, 71.81, 76.05)],
+    "slake": [("MISS (w/o TransCap), paper Table 1", 82.91, 81.47, 82.0),
+              ("MISS (JTM + TransCap, 90k), paper Table 3", 84.51, 81.19, 83.0)],
+}
 
 
 @dataclass
