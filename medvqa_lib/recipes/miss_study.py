@@ -81,7 +81,8 @@ _PLANS: dict[str, dict[str, Any]] = {
     # (at 1e-4 the decoder still answers every open question alike after 2 SLAKE epochs)
     "cpu": dict(pretrain=dict(epochs=1, batch_size=32, lr=1e-4),
                 finetune=dict(epochs=2, batch_size=64, lr=5e-4, eval_limit=256, group_size=4),
-                finetune_epochs={"vqa-rad": 3, "slake": 2, "synthetic": 2, "default": 2},
+                # SLAKE's open answers still rose steeply from epoch 1 to 2 (validation 14 -> 38 %)
+                finetune_epochs={"vqa-rad": 3, "slake": 4, "synthetic": 2, "default": 2},
                 ablation_epochs=1, seeds=(0, 1), pairs=400, transcap_fractions=(0.5, 1.0)),
     # the paper: AdamW, lr 2e-5, weight decay 0.05, cosine to 0; 100 pre-training and 200
     # fine-tuning epochs; batch sizes of the public code (pre-training 32/GPU, VQA 16/GPU)
