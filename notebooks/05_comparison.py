@@ -43,7 +43,7 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
 # None keeps the profile's value (see medvqa_lib.recipes.comparison_study.study_plan).
-profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop: ~8 min of its own, plus missing chapters), "gpu"
+profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop: ~15 min of its own, plus missing chapters), "gpu"
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR
 seed = 0
 methods = None  # e.g. ["MISS", "CMDPI"] (None: all four)
@@ -207,6 +207,22 @@ display(cost)
 speed.round(3)
 
 # %% [markdown]
+# The same measurement as `benchmarks/method_throughput.py` last recorded it at this profile (its
+# CSV in `benchmarks/results/`; on a GPU it carries the model FLOPs utilisation), where the
+# checkout has one:
+
+# %%
+from medvqa_lib.recipes.throughput import benchmark_records
+
+recorded = benchmark_records(prof.name)
+if recorded is None:
+    print(f"no benchmarks/results/method_throughput_{prof.name}.csv here: "
+          f"python benchmarks/method_throughput.py --profile {prof.name} writes it")
+else:
+    display(recorded[[c for c in ("method", "device", "date", "precision", "batch_size", "train_samples_per_s",
+                                  "answers_per_s", "peak_memory_mb", "mfu") if c in recorded]].round(3))
+
+# %% [markdown]
 # The stored throughput includes each chapter's data loading and validation passes; the
 # benchmark rows time the optimizer step and the answering alone, so they are higher. Answers
 # per second differ by decoding: MISS answers by beam search (three beams, as its chapter), M2I2
@@ -306,8 +322,9 @@ Markdown("\n".join(lines))
 #   generate free text. Exact match after normalisation is the one rule for all, and it is
 #   harsher on generated answers; open recall shows how much of the reference a generated answer
 #   contains.
-# * **Seeds.** The standard deviations are over the seeds each chapter ran (two or three on
-#   `cpu`); the paired bootstrap is over test questions, with a method's seeds averaged per
-#   question. Neither captures the variation of pre-training, which each chapter ran once.
+# * **Seeds.** The standard deviations are over the seeds each chapter ran: two on `cpu` (one
+#   for PaliGemma's SLAKE stage, which the curriculum trains once), three on `gpu`; the `seeds`
+#   parameter of each chapter raises them. The paired bootstrap is over test questions, with a
+#   method's seeds averaged per question. Neither captures the variation of pre-training, which each chapter ran once.
 # * **Data efficiency** runs are short and single-seed; they show the direction of the effect
 #   of pre-training data at this scale, not its size at the papers'.

@@ -88,10 +88,11 @@ _PLANS: dict[str, dict[str, Any]] = {
                   efficiency_val=4, efficiency_test=8, throughput_steps=1, throughput_batch=4,
                   throughput_answers=4),
     # sized from the chapters' measured 2-core speeds (see comparison_efficiency.estimate_seconds):
-    # about 6 minutes for the four methods x three amounts
+    # about 12 minutes for the four methods x three amounts. Fewer fine-tuning steps (300
+    # questions x 2 epochs) left the generative models answering one answer per answer type.
     "cpu": dict(hardest_k=20, min_group=5, efficiency_fractions=(0.0, 0.5, 1.0), efficiency_pairs=300,
-                efficiency_pretrain_epochs=1, efficiency_finetune_epochs=2, efficiency_train=300,
-                efficiency_val=64, efficiency_test=200, throughput_steps=3, throughput_batch=16,
+                efficiency_pretrain_epochs=1, efficiency_finetune_epochs=3, efficiency_train=800,
+                efficiency_val=128, efficiency_test=300, throughput_steps=3, throughput_batch=16,
                 throughput_answers=32),
     "gpu": dict(hardest_k=20, min_group=10, efficiency_fractions=(0.0, 0.25, 0.5, 1.0),
                 efficiency_pairs=20_000, efficiency_pretrain_epochs=5, efficiency_finetune_epochs=10,

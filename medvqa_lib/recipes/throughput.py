@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from medvqa_lib.config import Profile, get_profile
-from medvqa_lib.errors import unknown_name
+from medvqa_lib.errors import DataError, unknown_name
 from medvqa_lib.training import (
     autocast_context,
     move_to_device,
@@ -36,7 +36,7 @@ from medvqa_lib.training import (
     seed_everything,
 )
 
-__all__ = ["PEAK_TFLOPS", "Throughput", "method_throughput", "throughput_table", "peak_tflops"]
+__all__ = ["PEAK_TFLOPS", "Throughput", "method_throughput", "throughput_table", "peak_tflops", "benchmark_records"]
 
 #: peak dense bf16 tensor-core TFLOP/s by GPU name (the vendors' data sheets, no sparsity)
 PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -270,3 +270,22 @@ def throughput_table(methods: Sequence[str], profile: str | Profile, *, on_error
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return pd.DataFrame(rows)
+
+
+def benchmark_records(profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
+    """The latest row per (method, device) of ``benchmarks/results/method_throughput_<profile>.csv``
+    (written by ``benchmarks/method_throughput.py``), or ``None`` where the file is absent (e.g.
+    outside a checkout of the book)."""
+    if root is None:
+        from medvqa_lib.reproduce import REPO_ROOT
+
+        root = REPO_ROOT / "benchmarks" / "results"
+    path = Path(root) / f"method_throughput_{profile}.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    missing = {"date", "method", "device"} - set(frame.columns)
+    if missing:
+        raise DataError(f"{path} lacks the columns {sorted(missing)}: it is not a method_throughput CSV; "
+                        "delete it and run benchmarks/method_throughput.py again")
+    return frame.sort_values("date").groupby(["method", "device"], sort=False).tail(1).reset_index(drop=True)
