@@ -223,9 +223,13 @@ else:
                                   "answers_per_s", "peak_memory_mb", "mfu") if c in recorded]].round(3))
 
 # %% [markdown]
-# The stored throughput includes each chapter's data loading and validation passes; the
-# benchmark rows time the optimizer step and the answering alone, so they are higher. Answers
-# per second differ by decoding: MISS answers by beam search (three beams, as its chapter), M2I2
+# The two training rates measure different things. The stored one is a whole fine-tuning run:
+# data loading and validation passes included, and MISS and M2I2 batch several questions per
+# image so that each image is encoded once (the chapters' `group_size`). The benchmark times
+# the optimizer step alone on a batch of one question per image. So the stored rate is the lower
+# one for CMDPI and PaliGemma, and the higher one where questions share images. Answers
+# per second differ by decoding: MISS is timed with beam search (three beams; its chapter uses
+# them where validation prefers them to greedy decoding), M2I2
 # greedily on the small profiles (beam search on `gpu`), PaliGemma greedily, and CMDPI picks a
 # class from its training answers in a single pass.
 
