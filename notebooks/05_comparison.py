@@ -226,7 +226,7 @@ else:
 # The two training rates measure different things. The stored one is a whole fine-tuning run:
 # data loading and validation passes included, and MISS and M2I2 batch several questions per
 # image so that each image is encoded once (the chapters' `group_size`). The benchmark times
-# the optimizer step alone on a batch of one question per image. So the stored rate is the lower
+# the optimizer step alone and encodes every question's image anew. So the stored rate is the lower
 # one for CMDPI and PaliGemma, and the higher one where questions share images. Answers
 # per second differ by decoding: MISS is timed with beam search (three beams; its chapter uses
 # them where validation prefers them to greedy decoding), M2I2
