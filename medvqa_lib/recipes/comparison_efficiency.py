@@ -87,60 +87,53 @@ def _subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
     return subset(list(items), fraction, seed)
 
 
-def _miss(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
-          out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.recipes import miss_study as ms
+def _generative_shares(name: str, study_module: Any, study: Any, pairs: Sequence[Any], pre_cache: Any,
+                       ft_cache: Any, plan: ComparisonPlan, splits: Mapping[str, list[Any]],
+                       fractions: Sequence[float], out: Path, seed: int) -> dict[float, dict[str, Any]]:
+    """MISS and M2I2 alike: for each share of ``pairs``, pre-train with ``study_module`` (none at
+    share 0), fine-tune and answer greedily with :func:`~medvqa_lib.recipes.experiments.finetune_and_test`."""
     from medvqa_lib.recipes.experiments import finetune_and_test
-    from medvqa_lib.recipes.generative_vqa import ImageCache
     from medvqa_lib.text import select_text_backbone
 
-    study = ms.study_plan(profile, out / "MISS", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
     backbone = select_text_backbone(study.model.text_backbone)
-    pairs, _ = ms.caption_pairs(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
-    cache = ImageCache(study.model.image_size)
     settings = dataclasses.replace(study.finetune, epochs=plan.efficiency_finetune_epochs,
                                    eval_limit=plan.efficiency_val, num_beams=1)
     results = {}
     for f in fractions:
         corpus = _subset(pairs, f, seed)
         t0 = time.perf_counter()
-        state = ms.pretrain_variant(f"pre{f:g}", study.model, corpus, backbone.tokenizer, cache, study.pretrain,
-                                    backbone, seed)[0] if corpus else None
+        state = study_module.pretrain_variant(f"pre{f:g}", study.model, corpus, backbone.tokenizer, pre_cache,
+                                              study.pretrain, backbone, seed)[0] if corpus else None
         pre_s = time.perf_counter() - t0
-        rec = finetune_and_test(f"MISS {f:g}", ms.finetune_factory(study.model, state, backbone),
-                                {"data": splits}, [seed], backbone.tokenizer, settings, out / "MISS" / "finetune",
-                                cache, verbose=False)[0]
+        rec = finetune_and_test(f"{name} {f:g}", study_module.finetune_factory(study.model, state, backbone),
+                                {"data": splits}, [seed], backbone.tokenizer, settings, out / name / "finetune",
+                                ft_cache, verbose=False)[0]
         results[f] = _result(rec.scored, len(corpus), pre_s, rec.train.time_s)
     return results
+
+
+def _miss(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
+          out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
+    from medvqa_lib.recipes import miss_study as ms
+    from medvqa_lib.recipes.generative_vqa import ImageCache
+
+    study = ms.study_plan(profile, out / "MISS", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
+    pairs, _ = ms.caption_pairs(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
+    cache = ImageCache(study.model.image_size)
+    return _generative_shares("MISS", ms, study, pairs, cache, cache, plan, splits, fractions, out, seed)
 
 
 def _m2i2(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
           out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
     from medvqa_lib.recipes import m2i2_study as m2
-    from medvqa_lib.recipes.experiments import finetune_and_test
     from medvqa_lib.recipes.generative_vqa import ImageCache
-    from medvqa_lib.text import select_text_backbone
 
     study = m2.study_plan(profile, out / "M2I2", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
-    backbone = select_text_backbone(study.model.text_backbone)
     pairs, _, _ = m2.pretraining_corpus(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
     pre_cache = ImageCache(study.model.image_size)
     ft_cache = pre_cache if study.finetune_image_size == study.model.image_size else ImageCache(
         study.finetune_image_size)
-    settings = dataclasses.replace(study.finetune, epochs=plan.efficiency_finetune_epochs,
-                                   eval_limit=plan.efficiency_val, num_beams=1)
-    results = {}
-    for f in fractions:
-        corpus = _subset(pairs, f, seed)
-        t0 = time.perf_counter()
-        state = m2.pretrain_variant(f"pre{f:g}", study.model, corpus, backbone.tokenizer, pre_cache,
-                                    study.pretrain, backbone, seed)[0] if corpus else None
-        pre_s = time.perf_counter() - t0
-        rec = finetune_and_test(f"M2I2 {f:g}", m2.finetune_factory(study.model, state, backbone),
-                                {"data": splits}, [seed], backbone.tokenizer, settings, out / "M2I2" / "finetune",
-                                ft_cache, verbose=False)[0]
-        results[f] = _result(rec.scored, len(corpus), pre_s, rec.train.time_s)
-    return results
+    return _generative_shares("M2I2", m2, study, pairs, pre_cache, ft_cache, plan, splits, fractions, out, seed)
 
 
 def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
