@@ -31,7 +31,12 @@ import numpy as np
 import pandas as pd
 
 from medvqa_lib.errors import DataError, unknown_name
-from medvqa_lib.evaluation import QuestionOnlyPrior, paired_bootstrap, score_predictions
+from medvqa_lib.evaluation import (
+    QuestionOnlyPrior,
+    format_mean_std,
+    paired_bootstrap,
+    score_predictions,
+)
 from medvqa_lib.recipes.run_store import load_runs
 
 __all__ = ["METHODS", "PRIOR", "CHAPTERS", "REPORTED", "ComparisonPlan", "study_plan", "runs_path",
@@ -261,17 +266,11 @@ def main_table(runs: pd.DataFrame, sets: Mapping[tuple[str, str], set[str]]) -> 
     return pd.DataFrame(rows).set_index(["dataset", "test set", "method"])
 
 
-def _mean_std(mean: float, std: float) -> str:
-    if mean != mean:
-        return "n/a"
-    return f"{mean:.1f}" if std != std else f"{mean:.1f} ± {std:.1f}"
-
-
 def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`main_table` for reading: ``mean ± std`` strings, seeds and questions."""
     out = pd.DataFrame(index=table.index)
     for m, name in zip(_METRICS, ("closed", "open", "open recall", "overall"), strict=True):
-        out[name] = [_mean_std(a, b) for a, b in zip(table[m], table[f"{m}_std"], strict=True)]
+        out[name] = [format_mean_std(a, b) for a, b in zip(table[m], table[f"{m}_std"], strict=True)]
     out["seeds"], out["questions"] = table["seeds"], table["n"]
     return out
 
