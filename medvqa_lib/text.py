@@ -50,7 +50,11 @@ class TextBackbone:
 
         if not self.pretrained:
             return BertModel(self.config, add_pooling_layer=False)
-        return AutoModel.from_pretrained(self.source, add_pooling_layer=False)
+        # The checkpoint holds a pooler that no chapter uses: load it (so that transformers has no
+        # unexpected keys to report) and drop it.
+        model = AutoModel.from_pretrained(self.source)
+        model.pooler = None
+        return model
 
     def describe(self) -> str:
         kind = "pretrained" if self.pretrained else "randomly initialised"
