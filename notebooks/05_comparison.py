@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -178,7 +178,7 @@ with pd.option_context("display.max_rows", 200):
 lines = []
 for (dataset, subset), g in pairwise[pairwise["questions"] == "all"].groupby(level=[0, 1], sort=False):
     shown = [f"{r['verdict'].replace(' better', '')} > {r['B'] if r['verdict'].startswith(r['A']) else r['A']} "
-             f"({r['A − B (pp)']:+.1f} pp, n={r['n']})" for r in g.to_dict(orient="records")
+             f"(+{abs(r['A − B (pp)']):.1f} pp, n={r['n']})" for r in g.to_dict(orient="records")
              if r["verdict"].endswith("better")]
     lines.append(f"* **{dataset}, {subset}**: " + ("; ".join(shown) if shown else
                                                    "no pair of methods differs beyond the 95 % interval."))

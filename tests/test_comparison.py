@@ -106,7 +106,7 @@ def test_equal_methods_are_not_told_apart():
     same = {q: i % 2 == 0 for i, q in enumerate(qids)}
     table = cs.pairwise_bootstrap(pd.DataFrame(_rows("A", "ds", 0, same) + _rows("B", "ds", 0, same)), "ds",
                                   n_resamples=100, answer_types=(None,))
-    assert table.iloc[0]["verdict"] == "not shown"
+    assert table.iloc[0]["verdict"] == "no difference shown"
 
 
 def test_question_means_average_seeds(runs):

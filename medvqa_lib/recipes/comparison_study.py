@@ -347,7 +347,7 @@ def _verdict(a: str, b: str, low: float, high: float) -> str:
         return f"{a} better"
     if high < 0:
         return f"{b} better"
-    return "not shown"
+    return "no difference shown"
 
 
 def pairwise_bootstrap(runs: pd.DataFrame, dataset: str, methods: Sequence[str] | None = None,
@@ -356,7 +356,7 @@ def pairwise_bootstrap(runs: pd.DataFrame, dataset: str, methods: Sequence[str] 
     """Paired bootstrap of accuracy(A) − accuracy(B) for every pair of ``methods`` on
     ``dataset``, on the test questions both answered (within ``qids`` if given; ``n`` says how
     many), a method's accuracy on a question being its mean over seeds. ``verdict`` names the
-    better method when the whole 95 % interval is on one side of zero, else "not shown"."""
+    better method when the whole 95 % interval is on one side of zero, else "no difference shown"."""
     names = [m for m in _check_methods(runs, methods)
              if ((runs["method"] == m) & (runs["dataset"] == dataset)).any()]
     means = {m: question_means(runs, m, dataset) for m in names}
