@@ -177,9 +177,12 @@ with pd.option_context("display.max_rows", 200):
 # %%
 lines = []
 for (dataset, subset), g in pairwise[pairwise["questions"] == "all"].groupby(level=[0, 1], sort=False):
-    shown = [f"{r['verdict'].replace(' better', '')} > {r['B'] if r['verdict'].startswith(r['A']) else r['A']} "
-             f"(+{abs(r['A − B (pp)']):.1f} pp, n={r['n']})" for r in g.to_dict(orient="records")
-             if r["verdict"].endswith("better")]
+    shown = []
+    for r in g.to_dict(orient="records"):
+        winner = r["verdict"].removesuffix(" better")
+        if winner in (r["A"], r["B"]):
+            loser = r["B"] if winner == r["A"] else r["A"]
+            shown.append(f"{winner} > {loser} (+{abs(r['A − B (pp)']):.1f} pp, n={r['n']})")
     lines.append(f"* **{dataset}, {subset}**: " + ("; ".join(shown) if shown else
                                                    "no pair of methods differs beyond the 95 % interval."))
 Markdown("\n".join(lines))
