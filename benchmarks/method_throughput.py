@@ -5,7 +5,7 @@ profile's sizes and times a few optimizer steps on one batch of synthetic questi
 as the Trainer does it: bf16 on CUDA) and answering questions as the chapter does. On a GPU it
 also counts the FLOPs of one training step and prints the model FLOPs utilisation (MFU) against
 the GPU's peak dense bf16 rate. The measurement is
-:func:`medvqa_lib.recipes.throughput.method_throughput`, which the comparison chapter also runs.
+:func:`medvqa_lib.papers.comparison.throughput.method_throughput`, which the comparison chapter also runs.
 
     python benchmarks/method_throughput.py --profile smoke
     python benchmarks/method_throughput.py --profile cpu --steps 5
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import record  # noqa: E402
 
-from medvqa_lib.recipes.comparison_study import METHODS  # noqa: E402
-from medvqa_lib.recipes.throughput import method_throughput  # noqa: E402
+from medvqa_lib.papers.comparison.study import METHODS  # noqa: E402
+from medvqa_lib.papers.comparison.throughput import method_throughput  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import record  # noqa: E402
 
-from medvqa_lib.models.miss import MISSConfig, build_miss  # noqa: E402
+from medvqa_lib.papers.miss.model import MISSConfig, build_miss  # noqa: E402
 from medvqa_lib.training import autocast_context, keep_freed_memory, resolve_precision  # noqa: E402
 
 QUIET_CORES = 0.15

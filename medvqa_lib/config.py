@@ -158,14 +158,21 @@ def _validated(p: Profile) -> Profile:
     return p
 
 
+#: the one environment variable naming the real-data folder; read by :func:`resolve_data_dir` only
+DATA_ENV = "MEDVQA_DATA_DIR"
+#: values of a ``data_dir`` parameter that mean "the embedded synthetic data"
+SYNTHETIC = ("synthetic", "none", "None", "")
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The real-data folder: ``data_dir`` if given, else ``$MEDVQA_DATA_DIR``, else None.
 
-    The strings ``"synthetic"`` and ``""`` mean "no real data" (the embedded default).
-    A given folder that does not exist is an error, not a silent fallback.
+    The strings ``"synthetic"`` and ``""`` mean "no real data" (the embedded default), whatever
+    the environment says. A given folder that does not exist is an error, not a silent fallback.
+    This is the only place of the library that reads ``$MEDVQA_DATA_DIR``.
     """
-    value = data_dir if data_dir is not None else os.environ.get("MEDVQA_DATA_DIR")
-    if value is None or str(value).strip() in ("", "synthetic", "none", "None"):
+    value = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
+    if value is None or str(value).strip() in SYNTHETIC:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -174,3 +181,32 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
             "(or data_dir='synthetic' for the embedded synthetic data)"
         )
     return path.resolve()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a chapter resolves once, in its first cell (:func:`medvqa_lib.notebook.setup`).
+
+    After setup nothing reads the environment: the data folder, whether real data is used,
+    where results go and the seed all come from here.
+    """
+
+    profile: Profile
+    #: the real-data folder (holding ``vqa_rad/``, ``slake/``, ...), None for synthetic data
+    data_root: Path | None
+    #: True when the chapter runs on real VQA data (a folder, or the Hub on the ``gpu`` profile)
+    real: bool
+    #: True when the Hugging Face Hub may be used for data and weights (``gpu`` profile, online)
+    hub: bool
+    #: the chapter's results folder (CSV / JSON tables)
+    out_dir: Path
+    seed: int
+    #: "cuda" or "cpu"
+    device: str
+
+    @property
+    def data_source(self) -> str:
+        """Where the VQA data comes from, in words."""
+        if self.data_root is not None:
+            return f"folder {self.data_root}"
+        return "the Hugging Face Hub" if self.real else "the built-in synthetic data"

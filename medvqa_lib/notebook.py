@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from medvqa_lib.config import Profile, get_profile
+from medvqa_lib.config import Profile, RunContext, get_profile, resolve_data_dir
 
 REPO_URL = "https://github.com/medvqa-book/medvqa-book"
 SHOWN_PACKAGES = ("medvqa-lib", "torch", "transformers", "timm", "peft", "datasets")
@@ -32,19 +32,27 @@ def package_versions(names: tuple[str, ...] = SHOWN_PACKAGES) -> dict[str, str]:
     return out
 
 
-def setup(profile: str | Profile, seed: int = 0, *, quiet_progress: bool | None = None,
-          **overrides: Any) -> Profile:
-    """Resolve the profile, seed everything, print versions and device; return the profile.
+def setup(profile: str | Profile, seed: int = 0, *, data_dir: str | os.PathLike | None = None,
+          chapter: str = "chapter", overrides: dict[str, Any] | None = None,
+          quiet_progress: bool | None = None, **profile_fields: Any) -> RunContext:
+    """Resolve everything a chapter needs once and return it as a :class:`RunContext`.
 
-    ``overrides`` are profile fields from the parameters cell (``None`` keeps the default).
-    A bad profile name or parameter raises here, in the first cell, with the valid choices.
-    In Colab without a GPU it warns that the ``gpu`` profile will be very slow.
+    * the profile, with ``overrides`` / ``profile_fields`` applied (profile fields only;
+      ``None`` keeps the default), validated here, in the first cell;
+    * the data folder: ``data_dir``, else ``$MEDVQA_DATA_DIR``; ``"synthetic"`` means none,
+      whatever the environment says;
+    * whether real data is used, the Hub allowed, the results folder, the seed and the device.
+
+    Seeds everything, prints versions and device. This is the last place a chapter reads the
+    environment.
     """
     import torch
 
+    from medvqa_lib.data.registry import available_datasets
     from medvqa_lib.training import keep_freed_memory, pick_device, seed_everything
 
-    prof = get_profile(profile, **overrides)
+    fields = {**(overrides or {}), **profile_fields}
+    prof = get_profile(profile, **fields)
     seed_everything(seed)
     if pick_device("auto").type == "cpu":
         keep_freed_memory()  # a CPU step otherwise page-faults its big tensors in every time
@@ -53,11 +61,18 @@ def setup(profile: str | Profile, seed: int = 0, *, quiet_progress: bool | None 
     if quiet_progress:
         os.environ["TQDM_DISABLE"] = "1"
     device = pick_device("auto")
+    root = resolve_data_dir(data_dir)
+    synthetic_asked = data_dir is not None and root is None
+    hub = prof.name == "gpu" and not synthetic_asked and root is None and _hub_reachable()
+    real = bool(available_datasets(root)) if root is not None else hub
+    ctx = RunContext(profile=prof, data_root=root, real=real, hub=hub,
+                     out_dir=output_dir(chapter), seed=seed, device=device.type)
     versions = " · ".join(f"{k} {v}" for k, v in package_versions().items())
     print(versions)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU"
     print(f"device: {device} ({gpu}) · threads: {torch.get_num_threads()} · seed: {seed}")
     print(f"profile: {prof.name} — {prof.description}")
+    print(f"data: {ctx.data_source}")
     if in_colab() and device.type != "cuda":
         warnings.warn(
             "Colab is running without a GPU: choose Runtime → Change runtime type → GPU, "
@@ -67,7 +82,32 @@ def setup(profile: str | Profile, seed: int = 0, *, quiet_progress: bool | None 
     if prof.name == "gpu" and device.type != "cuda":
         warnings.warn("profile 'gpu' on a machine without CUDA will be very slow; "
                       "use profile='cpu' here.", stacklevel=2)
-    return prof
+    return ctx
+
+
+def _hub_reachable() -> bool:
+    from medvqa_lib.data.hub import hub_reachable
+
+    return hub_reachable()
+
+
+def show_code(*functions: Any) -> Any:
+    """Show the source of ``functions`` (the code of an equation) as a highlighted block.
+
+    In a notebook this returns a Markdown object that renders as Python code; each function
+    is shown with the module it lives in, so a reader can open the file.
+    """
+    import inspect
+
+    from IPython.display import Markdown
+
+    parts = []
+    for fn in functions:
+        target = inspect.unwrap(fn)
+        module = inspect.getmodule(target)
+        where = f"{module.__name__}.{target.__qualname__}" if module else target.__qualname__
+        parts.append(f"`{where}`\n\n```python\n{inspect.getsource(target).rstrip()}\n```")
+    return Markdown("\n\n".join(parts))
 
 
 def output_dir(chapter: str, root: str | os.PathLike | None = None) -> Path:

@@ -29,7 +29,7 @@
 #    dictionary, asks a language model for several phrasings of each attribute, and samples a new
 #    caption from the dictionary every time the image is seen.
 #
-# This chapter builds the model from the library (`medvqa_lib.models.miss`), pre-trains it with
+# This chapter builds the model from the library (`medvqa_lib.papers.miss.model`), pre-trains it with
 # its three objectives, fine-tunes it on VQA-RAD and SLAKE (or the built-in synthetic data), and
 # regenerates the paper's Tables 1–3 and Figure 5, next to the question-only prior of the
 # {doc}`data chapter <00_data_and_evaluation>`. Every number below comes from this run; the
@@ -47,7 +47,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.recipes.miss_study.study_plan).
+# None keeps the profile's value (see medvqa_lib.papers.miss.pipeline.study_plan).
 profile = "gpu"  # "smoke" (CI), "cpu" (laptop, ~20 min), "gpu" (the paper's schedule)
 data_dir = None  # folder with vqa_rad/ and slake/ (and roco/); None → $MEDVQA_DATA_DIR
 seed = 0
@@ -85,7 +85,7 @@ from IPython.display import display
 from medvqa_lib import plots
 from medvqa_lib.data.suite import load_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.recipes.miss_study import study_plan
+from medvqa_lib.papers.miss.pipeline import study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
@@ -132,7 +132,7 @@ print("ablations on:", ablation_set)
 # second half (with cross-attention) a multimodal encoder.
 
 # %%
-from medvqa_lib.models.miss import build_miss
+from medvqa_lib.papers.miss.model import build_miss
 
 probe = build_miss(study.model, backbone)
 n_params = sum(p.numel() for p in probe.parameters())
@@ -183,7 +183,7 @@ pd.DataFrame({
 # contradicts the dictionary. Below, the paper's Figure 3 for this pool.
 
 # %%
-from medvqa_lib.recipes.miss_study import caption_pairs, subset, transcap_pool
+from medvqa_lib.papers.miss.pipeline import caption_pairs, subset, transcap_pool
 from medvqa_lib.transcap import TransCapCaptions, examples_table
 
 pool, pool_source = transcap_pool(prof, suite if real else {}, data_dir, seed)
@@ -216,8 +216,8 @@ report
 # unless pretrained weights are reachable) with the same schedule.
 
 # %%
-from medvqa_lib.recipes.generative_vqa import CaptionMix, ImageCache
-from medvqa_lib.recipes.miss_study import pretrain_variant
+from medvqa_lib.experiments.generative import CaptionMix, ImageCache
+from medvqa_lib.papers.miss.pipeline import pretrain_variant
 
 pairs_data, pairs_source = caption_pairs(prof, study.pairs, seed, data_dir if real else None)
 cache = ImageCache(study.model.image_size)
@@ -258,7 +258,7 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 # held-out synthetic X-rays), next to chance.
 
 # %%
-from medvqa_lib.recipes.miss_study import finetune_factory, retrieval_recall
+from medvqa_lib.papers.miss.pipeline import finetune_factory, retrieval_recall
 from medvqa_lib.transcap import build_captions
 
 held_pool, _ = transcap_pool(prof, suite if real else {}, data_dir, seed, split="val")
@@ -288,8 +288,8 @@ recall_table
 # pre-trained weights and changes the fine-tuning order and dropout.
 
 # %%
-from medvqa_lib.recipes.experiments import finetune_and_test
-from medvqa_lib.recipes.run_store import save_runs
+from medvqa_lib.experiments.runs import finetune_and_test
+from medvqa_lib.experiments.run_store import save_runs
 
 make_full = finetune_factory(study.model, pretrained[full_label], backbone, study.untie_decoder)
 records = []
@@ -337,7 +337,7 @@ from medvqa_lib.evaluation import (
     score_predictions,
     summarize,
 )
-from medvqa_lib.recipes.miss_study import REPORTED
+from medvqa_lib.papers.miss.pipeline import REPORTED
 
 prior_scored, tables = {}, {}
 for name, splits in suite.items():
@@ -359,7 +359,7 @@ table12
 # claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.recipes.miss_study import compare_to_prior, seed_mean_scores
+from medvqa_lib.papers.miss.pipeline import compare_to_prior, seed_mean_scores
 
 vs_prior = compare_to_prior({name: seed_mean_scores([r for r in records if r.dataset == name])
                              for name in suite}, prior_scored, n_resamples=prof.bootstrap_resamples,
@@ -374,7 +374,7 @@ vs_prior
 # drops, the model answers from the question alone.
 
 # %%
-from medvqa_lib.recipes.experiments import image_reliance
+from medvqa_lib.experiments.runs import image_reliance
 
 reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())

@@ -24,7 +24,7 @@
 # the image through cross-attention. What M2I2 adds is the image side of masked modelling: an
 # MAE-style decoder that rebuilds masked image patches from the visible ones.
 #
-# This chapter builds the model from the library (`medvqa_lib.models.m2i2`), pre-trains it with all
+# This chapter builds the model from the library (`medvqa_lib.papers.m2i2.model`), pre-trains it with all
 # four objectives and with each of the ablations of the paper's Table 4, fine-tunes it on VQA-RAD
 # and SLAKE (PathVQA where it is given; the built-in synthetic data otherwise), and regenerates
 # Tables 1–4 and Figure 3 next to the question-only prior of the
@@ -43,7 +43,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.recipes.m2i2_study.study_plan).
+# None keeps the profile's value (see medvqa_lib.papers.m2i2.pipeline.study_plan).
 profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop, ~20 min), "gpu" (the paper's schedule)
 data_dir = None  # folder with vqa_rad/ and slake/ (pathvqa/, roco/); None → $MEDVQA_DATA_DIR
 seed = 0
@@ -90,7 +90,7 @@ from IPython.display import display
 from medvqa_lib import plots
 from medvqa_lib.data.suite import cap, load_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.recipes.m2i2_study import FULL, schedule_note, study_plan
+from medvqa_lib.papers.m2i2.pipeline import FULL, schedule_note, study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
@@ -143,7 +143,7 @@ print("fine-tuning seeds:", list(study.seeds), "· schedules:", schedule_note(st
 # is reachable, an 8-block 512-wide MAE decoder); the `cpu` and `smoke` profiles shrink every part.
 
 # %%
-from medvqa_lib.models.m2i2 import build_m2i2
+from medvqa_lib.papers.m2i2.model import build_m2i2
 
 probe = build_m2i2(study.model, backbone)
 n_params = sum(p.numel() for p in probe.parameters())
@@ -214,8 +214,8 @@ pd.DataFrame({
 # one without ITC (no momentum encoders; ITM then draws its negatives uniformly from the batch).
 
 # %%
-from medvqa_lib.recipes.generative_vqa import ImageCache
-from medvqa_lib.recipes.m2i2_study import ablation_configs, pretrain_variant, pretraining_corpus
+from medvqa_lib.experiments.generative import ImageCache
+from medvqa_lib.papers.m2i2.pipeline import ablation_configs, pretrain_variant, pretraining_corpus
 
 corpus, held_out, corpus_source = pretraining_corpus(prof, study.pairs, seed, data_dir if real else None,
                                                      n_held_out=2)
@@ -248,7 +248,7 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 # them.
 
 # %%
-from medvqa_lib.recipes.m2i2_study import reconstruction_figure
+from medvqa_lib.papers.m2i2.pipeline import reconstruction_figure
 from medvqa_lib.training import seed_everything
 
 seed_everything(seed)
@@ -279,9 +279,9 @@ del probe, before, after
 # pre-trained weights and changes the data order and dropout.
 
 # %%
-from medvqa_lib.recipes.experiments import finetune_and_test
-from medvqa_lib.recipes.m2i2_study import finetune_factory
-from medvqa_lib.recipes.run_store import save_runs
+from medvqa_lib.experiments.runs import finetune_and_test
+from medvqa_lib.papers.m2i2.pipeline import finetune_factory
+from medvqa_lib.experiments.run_store import save_runs
 
 records = []
 for name, splits in suite.items():
@@ -304,7 +304,7 @@ fig = plots.plot_training_curves({f"{r.dataset}, seed {r.seed}": r.train.out_dir
 
 # %%
 from medvqa_lib.evaluation import results_table
-from medvqa_lib.recipes.m2i2_study import (
+from medvqa_lib.papers.m2i2.pipeline import (
     free_para_scores,
     measured_rows,
     prior_scores,
@@ -369,7 +369,7 @@ atomic_write_text(out / "tables1_3.csv", table123.to_csv())
 # claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.recipes.m2i2_study import compare_with_prior, seed_mean_scores
+from medvqa_lib.papers.m2i2.pipeline import compare_with_prior, seed_mean_scores
 
 vs_prior = compare_with_prior({name: seed_mean_scores([r for r in records if r.dataset == name])
                                for name in suite}, prior_scored, n_resamples=prof.bootstrap_resamples,
@@ -385,7 +385,7 @@ vs_prior
 # the question alone, and it cannot beat the prior by more than its own language prior allows.
 
 # %%
-from medvqa_lib.recipes.experiments import image_reliance
+from medvqa_lib.experiments.runs import image_reliance
 
 reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())
@@ -405,7 +405,7 @@ reliance
 # not evidence either way.
 
 # %%
-from medvqa_lib.recipes.m2i2_study import ablation_table
+from medvqa_lib.papers.m2i2.pipeline import ablation_table
 
 ablation_records, ablation_tables = {}, {}
 if run_ablations:
@@ -443,7 +443,7 @@ if run_ablations:
 # does on them), first seed's model.
 
 # %%
-from medvqa_lib.recipes.m2i2_study import gradcam_figure, pick_examples, restore_finetuned
+from medvqa_lib.papers.m2i2.pipeline import gradcam_figure, pick_examples, restore_finetuned
 
 finetuned, gradcam_rows = {}, {}
 for name in suite:
@@ -467,7 +467,7 @@ gradcam_table
 # the pitfall describes. The paired intervals compare the two lists on the same questions.
 
 # %%
-from medvqa_lib.recipes.m2i2_study import candidate_lists, rank_mode, rank_mode_table
+from medvqa_lib.papers.m2i2.pipeline import candidate_lists, rank_mode, rank_mode_table
 
 rank_tables = {}
 if run_rank_mode:
@@ -536,7 +536,7 @@ with pd.option_context("display.max_colwidth", 200):
 from IPython.display import Markdown
 
 from medvqa_lib.evaluation import format_mean_std
-from medvqa_lib.recipes.m2i2_study import seed_summary
+from medvqa_lib.papers.m2i2.pipeline import seed_summary
 
 lines = [f"**{prof.name} profile**, {', '.join(suite)}{'' if real else ' (synthetic stand-in)'}; "
          f"{len(study.seeds)} seed(s); whole chapter {summary['chapter_wall_time_min']} min; "

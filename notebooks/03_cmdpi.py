@@ -35,7 +35,7 @@
 #
 # No code has been published for this paper. This chapter is the first runnable version, and
 # each place where the text left a choice is listed at the end. The model comes from the
-# library (`medvqa_lib.models.cmdpi`) and the experiments from `medvqa_lib.recipes.cmdpi_study`.
+# library (`medvqa_lib.papers.cmdpi.model`) and the experiments from `medvqa_lib.papers.cmdpi.pipeline`.
 # The chapter pre-trains the model and its ablations and fine-tunes on VQA-RAD and SLAKE (or
 # the built-in synthetic data). It regenerates Tables 1–2 and Figures 5–12, plus the appendix
 # sweeps when `run_sweeps` is on, and compares every result with the question-only prior of the
@@ -54,7 +54,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.recipes.cmdpi_study.study_plan).
+# None keeps the profile's value (see medvqa_lib.papers.cmdpi.pipeline.study_plan).
 profile = "gpu"  # "smoke" (CI, < 1 min), "cpu" (2-core laptop: ~20 min, ~45 with ablations), "gpu" (the paper's)
 data_dir = None  # folder with vqa_rad/ and slake/ (and roco/); None → $MEDVQA_DATA_DIR
 seed = 0
@@ -105,7 +105,7 @@ from IPython.display import Markdown, display
 from medvqa_lib import plots
 from medvqa_lib.data.suite import load_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.recipes.cmdpi_study import study_plan
+from medvqa_lib.papers.cmdpi.pipeline import study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
@@ -163,7 +163,7 @@ print("ablations and sweeps on:", abl)
 # "classification-shaped" part of CMDPI, and its consequences are measured below.
 
 # %%
-from medvqa_lib.models.cmdpi import PAPER_TRAINING, build_cmdpi
+from medvqa_lib.papers.cmdpi.model import PAPER_TRAINING, build_cmdpi
 
 probe = build_cmdpi(study.model, backbone)
 n_params = sum(p.numel() for p in probe.parameters())
@@ -229,8 +229,8 @@ model_table
 # Validation and test questions never enter pre-training.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import pretraining_corpus
-from medvqa_lib.recipes.generative_vqa import ImageCache
+from medvqa_lib.papers.cmdpi.pipeline import pretraining_corpus
+from medvqa_lib.experiments.generative import ImageCache
 
 corpus = pretraining_corpus(prof, suite, study, seed, data_dir, real=real)
 cache = ImageCache(study.model.image_size)
@@ -249,7 +249,7 @@ corpus_table
 # Pre-training has no validation signal, so the last epoch is kept.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import PRETRAIN_VARIANTS, pretrain_variant
+from medvqa_lib.papers.cmdpi.pipeline import PRETRAIN_VARIANTS, pretrain_variant
 
 pre_plan = {"CMDPI": PRETRAIN_VARIANTS["CMDPI"], **(study.pretrain_ablation_plan() if run_ablations else {})}
 pretrained, pre_results = {}, {}
@@ -296,7 +296,7 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 # ceiling on CMDPI's accuracy, and the ceiling is lower for open questions:
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import unseen_answers
+from medvqa_lib.papers.cmdpi.pipeline import unseen_answers
 
 unseen = unseen_answers(suite)
 atomic_write_text(out / "unseen_answers.csv", unseen.to_csv())
@@ -311,9 +311,9 @@ unseen
 
 # %%
 from medvqa_lib.data.suite import cap
-from medvqa_lib.models.cmdpi import build_answer_vocab, load_pretrained_for_finetune
-from medvqa_lib.recipes.cmdpi_study import SimilarityIndex, finetune_and_test
-from medvqa_lib.recipes.run_store import save_runs
+from medvqa_lib.papers.cmdpi.model import build_answer_vocab, load_pretrained_for_finetune
+from medvqa_lib.papers.cmdpi.pipeline import SimilarityIndex, finetune_and_test
+from medvqa_lib.experiments.run_store import save_runs
 
 similarity = {}
 
@@ -374,7 +374,7 @@ from medvqa_lib.evaluation import (
     score_predictions,
     summarize,
 )
-from medvqa_lib.recipes.cmdpi_study import PRETRAIN_GROUP, REPORTED
+from medvqa_lib.papers.cmdpi.pipeline import PRETRAIN_GROUP, REPORTED
 
 prior_scored, tables = {}, {}
 for name, splits in suite.items():
@@ -401,7 +401,7 @@ with pd.option_context("display.max_rows", 60):
 # shows the overall accuracy each reported row implies, next to the one it reports:
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import implied_overall
+from medvqa_lib.papers.cmdpi.pipeline import implied_overall
 
 TEST_MAKEUP = {"vqa-rad": (272, 179), "slake": (416, 645)}  # (closed, open) of the standard test splits
 check = pd.DataFrame([{"dataset": name, "model": m_, "reported overall": a,
@@ -423,7 +423,7 @@ check[check["gap"].abs() > 0.5]
 # The claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import compare_with_prior
+from medvqa_lib.papers.cmdpi.pipeline import compare_with_prior
 
 vs_prior = compare_with_prior(records, prior_scored, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "cmdpi_vs_prior.csv", vs_prior.to_csv())
@@ -436,7 +436,7 @@ vs_prior
 # drops, the model answers from the question alone.
 
 # %%
-from medvqa_lib.recipes.experiments import image_reliance
+from medvqa_lib.experiments.runs import image_reliance
 
 reliance = image_reliance([r for r in records if r.label == "CMDPI"], n_resamples=prof.bootstrap_resamples,
                           seed=seed)
@@ -488,7 +488,7 @@ fig.tight_layout()
 # removing inter-modality contrast costs the most, and that Contra.QA lowers it too.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import FINETUNE_VARIANTS, ablation_table, variant_bars
+from medvqa_lib.papers.cmdpi.pipeline import FINETUNE_VARIANTS, ablation_table, variant_bars
 
 abl_seeds = study.ablation_seeds
 abl_settings = study.ablation_settings(abl)
@@ -558,7 +558,7 @@ if run_ablations:
 # depend on the random state and the perplexity, so the picture is a qualitative check only.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import tsne_figure
+from medvqa_lib.papers.cmdpi.pipeline import tsne_figure
 
 if run_ablations:
     first_full = next(r for r in full_records if r.heads is not None)
@@ -577,7 +577,7 @@ if run_ablations:
 # by many points when a single question changes, so read the `n` column first.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import per_group
+from medvqa_lib.papers.cmdpi.pipeline import per_group
 
 if run_ablations:
     fig10 = per_group(ft_records, "organ", min_n=5)
@@ -602,7 +602,7 @@ if run_ablations:
 # one-sided.
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import case_study
+from medvqa_lib.papers.cmdpi.pipeline import case_study
 
 if run_ablations:
     firsts = {lab: recs[0] for lab, recs in ft_records.items()}
@@ -750,7 +750,7 @@ with pd.option_context("display.max_colwidth", 200):
 # choice. Here is that list, read from the module itself so that it cannot drift from the code:
 
 # %%
-from medvqa_lib.recipes.cmdpi_study import readings_of_the_paper
+from medvqa_lib.papers.cmdpi.pipeline import readings_of_the_paper
 
 display(Markdown(readings_of_the_paper()))
 

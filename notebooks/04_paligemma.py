@@ -22,8 +22,8 @@
 # curriculum (SLAKE first), datamixes built from captions by a language model, filtering and
 # *annealing*, an evaluation that admits the weakness of n-gram metrics, and attention
 # saliency as a diagnostic. This chapter runs every step with the library
-# (`medvqa_lib.models.paligemma`, `medvqa_lib.recipes.paligemma_study`,
-# `medvqa_lib.recipes.paligemma_qa`, `medvqa_lib.saliency`). Every number below comes from this
+# (`medvqa_lib.papers.paligemma.model`, `medvqa_lib.papers.paligemma.pipeline`,
+# `medvqa_lib.papers.paligemma.synthetic_qa`, `medvqa_lib.papers.paligemma.saliency`). Every number below comes from this
 # run; the paper's numbers appear beside ours, labelled *reported*.
 #
 # **Colab and the gated model.** The `gpu` profile loads `google/paligemma-3b-mix-448`. Accept
@@ -43,7 +43,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.recipes.paligemma_study.study_plan).
+# None keeps the profile's value (see medvqa_lib.papers.paligemma.pipeline.study_plan).
 profile = "gpu"  # "smoke" (CI), "cpu" (laptop, ~20 min), "gpu" (the paper's model and args)
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR
 seed = 0
@@ -91,8 +91,8 @@ from IPython.display import display
 from medvqa_lib import plots
 from medvqa_lib.data.suite import cap, load_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.recipes import paligemma_study as pg
-from medvqa_lib.recipes.paligemma_qa import CurationCounts, QAGenerator, anneal_set, curate
+from medvqa_lib.papers.paligemma import pipeline as pg
+from medvqa_lib.papers.paligemma.synthetic_qa import CurationCounts, QAGenerator, anneal_set, curate
 
 plots.use_book_style()
 out = output_dir("paligemma")
@@ -193,7 +193,7 @@ fig.tight_layout()
 # %%
 import copy
 
-from medvqa_lib.models.paligemma import lora_target_names
+from medvqa_lib.papers.paligemma.model import lora_target_names
 
 texts = [f"answer en {s.question}" for s in stage1["train"] + target["train"] + captions_qa] + \
         [str(s.answer) for s in stage1["train"] + target["train"] + captions_qa] + \
@@ -293,7 +293,7 @@ print("REPORTED, the paper's Table 2 (with pre-stage): SLAKE accuracy 68/100; PM
 
 # %%
 from medvqa_lib.evaluation import QuestionOnlyPrior, score_predictions
-from medvqa_lib.recipes.experiments import seed_mean_scores
+from medvqa_lib.experiments.runs import seed_mean_scores
 
 
 class _Run:  # seed_mean_scores reads .scored
@@ -314,7 +314,7 @@ atomic_write_text(out / "paligemma_vs_prior.csv", vs_prior.to_csv())
 # the runs the comparison chapter reads: the target set with the pre-stage, and the stage-1 set
 from types import SimpleNamespace
 
-from medvqa_lib.recipes.run_store import save_runs
+from medvqa_lib.experiments.run_store import save_runs
 
 stored = [SimpleNamespace(label="PaliGemma-LoRA", dataset=target_name, seed=r["seed"], scored=r["scored"],
                           train=r["result"])

@@ -42,7 +42,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters", "hide-cell"]
 # Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.recipes.comparison_study.study_plan).
+# None keeps the profile's value (see medvqa_lib.papers.comparison.study.study_plan).
 profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop: ~15 min of its own, plus missing chapters), "gpu"
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR
 seed = 0
@@ -78,7 +78,7 @@ from IPython.display import Markdown, display
 from medvqa_lib import plots
 from medvqa_lib.data.suite import load_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.recipes import comparison_study as cs
+from medvqa_lib.papers.comparison import study as cs
 
 plots.use_book_style()
 out = output_dir("comparison")
@@ -199,7 +199,7 @@ Markdown("\n".join(lines))
 # also gives the model FLOPs utilisation.
 
 # %%
-from medvqa_lib.recipes.throughput import throughput_table
+from medvqa_lib.papers.comparison.throughput import throughput_table
 
 speed = throughput_table(plan.methods, prof, steps=plan.throughput_steps, batch_size=plan.throughput_batch,
                          answers=plan.throughput_answers, on_error="note", seed=seed)
@@ -215,7 +215,7 @@ speed.round(3)
 # checkout has one:
 
 # %%
-from medvqa_lib.recipes.throughput import benchmark_records
+from medvqa_lib.papers.comparison.throughput import benchmark_records
 
 recorded = benchmark_records(prof.name)
 if recorded is None:
@@ -248,7 +248,7 @@ else:
 # single run. For PaliGemma the pre-training is the stand-in base model's caption training.
 
 # %%
-from medvqa_lib.recipes.comparison_efficiency import (
+from medvqa_lib.papers.comparison.efficiency import (
     efficiency_dataset,
     efficiency_figure,
     estimate_seconds,

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from medvqa_lib import text
-from medvqa_lib.models import blocks
-from medvqa_lib.models.blocks import (
+from medvqa_lib import nn as blocks
+from medvqa_lib.nn import (
     FeatureQueue,
     LMHead,
     SpecialIds,

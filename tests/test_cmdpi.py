@@ -11,9 +11,9 @@ from transformers import BertConfig
 from medvqa_lib import text
 from medvqa_lib.errors import DataError
 from medvqa_lib.evaluation import exact_match
-from medvqa_lib.models import cmdpi as cm
-from medvqa_lib.models.blocks import SpecialIds, itc_loss
-from medvqa_lib.models.cmdpi import (
+from medvqa_lib.papers.cmdpi import model as cm
+from medvqa_lib.nn import SpecialIds, itc_loss
+from medvqa_lib.papers.cmdpi.model import (
     CMDPI,
     CMDPICollator,
     CMDPIConfig,
@@ -632,7 +632,7 @@ def test_builders_collators_and_the_trainer_drive_both_stages(tok, tmp_path):
     from torch.utils.data import ConcatDataset
 
     from medvqa_lib.data.synthetic import load_synthetic_captions, load_synthetic_vqa
-    from medvqa_lib.recipes.generative_vqa import CachedCaptionDataset, CachedVQADataset, ImageCache
+    from medvqa_lib.experiments.generative import CachedCaptionDataset, CachedVQADataset, ImageCache
     from medvqa_lib.training import TrainConfig, Trainer
 
     train = load_synthetic_vqa("train", **SYN)[:16]

@@ -13,7 +13,7 @@ from medvqa_lib.data.schema import VQASample
 from medvqa_lib.data.synthetic import load_synthetic_vqa
 from medvqa_lib.errors import DataError
 from medvqa_lib.evaluation import normalize_answer
-from medvqa_lib.recipes.cmdpi_study import (
+from medvqa_lib.papers.cmdpi.pipeline import (
     CPU_SECONDS_PER_1000,
     FINETUNE_VARIANTS,
     PRETRAIN_VARIANTS,
@@ -33,7 +33,7 @@ from medvqa_lib.recipes.cmdpi_study import (
     unseen_answers,
     validation_fn,
 )
-from medvqa_lib.recipes.generative_vqa import ImageCache
+from medvqa_lib.experiments.generative import ImageCache
 from medvqa_lib.text import minilm_dir
 
 SYN = dict(n_images=30, image_size=64, seed=0)
@@ -99,7 +99,7 @@ def test_cpu_plan_main_results_and_ablations_fit_25_minutes_at_the_measured_spee
 
 
 def test_variant_switches_are_model_fields():
-    from medvqa_lib.models.cmdpi import CMDPIConfig
+    from medvqa_lib.papers.cmdpi.model import CMDPIConfig
 
     base = CMDPIConfig.from_profile("smoke")
     for switches in [*PRETRAIN_VARIANTS.values(), *FINETUNE_VARIANTS.values()]:
@@ -128,7 +128,7 @@ def test_pretraining_corpus_uses_training_questions_only_and_routes_them(tmp_pat
 
 @needs_vocab
 def test_corpus_rows_reach_the_collator_as_captions_and_answered_questions(tmp_path):
-    from medvqa_lib.models.cmdpi import CMDPIPretrainCollator
+    from medvqa_lib.papers.cmdpi.model import CMDPIPretrainCollator
     from medvqa_lib.text import select_text_backbone
 
     prof = get_profile("smoke")
@@ -216,7 +216,7 @@ def test_readings_come_from_the_model_docstring():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from medvqa_lib.models.cmdpi import CMDPIConfig
+    from medvqa_lib.papers.cmdpi.model import CMDPIConfig
     from medvqa_lib.text import select_text_backbone
 
     if minilm_dir() is None:
@@ -238,7 +238,7 @@ def test_validation_fn_refuses_test_questions(tiny):
 
 
 def test_similarity_index_uses_training_images_and_thresholds_them(tiny):
-    from medvqa_lib.models.cmdpi import build_cmdpi
+    from medvqa_lib.papers.cmdpi.model import build_cmdpi
 
     backbone, config, splits, cache = tiny
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import pytest
 
 from medvqa_lib.config import get_profile
 from medvqa_lib.errors import DataError
-from medvqa_lib.recipes import comparison_study as cs
-from medvqa_lib.recipes.run_store import save_runs
+from medvqa_lib.papers.comparison import study as cs
+from medvqa_lib.experiments.run_store import save_runs
 
 
 def _rows(method: str, dataset: str, seed: int, correct: dict[str, bool], types: dict[str, str] | None = None,
@@ -198,14 +198,14 @@ def test_plan_checks_its_knobs():
 
 
 def test_efficiency_estimate_fits_the_cpu_budget():
-    from medvqa_lib.recipes.comparison_efficiency import estimate_seconds
+    from medvqa_lib.papers.comparison.efficiency import estimate_seconds
 
     est = estimate_seconds(cs.study_plan(get_profile("cpu")))
     assert set(est) == {*cs.METHODS, "total"} and 0 < est["total"] <= 15 * 60
 
 
 def test_throughput_on_the_smoke_model():
-    from medvqa_lib.recipes.throughput import method_throughput
+    from medvqa_lib.papers.comparison.throughput import method_throughput
 
     r = method_throughput("M2I2", "smoke", steps=1, batch_size=4, answers=4, count_flops=True)
     assert r.train_samples_per_s > 0 and r.answers_per_s > 0
@@ -217,7 +217,7 @@ def test_throughput_on_the_smoke_model():
 
 def test_benchmark_records_keep_the_latest_row_per_method_and_device(tmp_path):
     from medvqa_lib.errors import DataError
-    from medvqa_lib.recipes.throughput import benchmark_records
+    from medvqa_lib.papers.comparison.throughput import benchmark_records
 
     assert benchmark_records("cpu", tmp_path) is None
     (tmp_path / "method_throughput_cpu.csv").write_text(

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from medvqa_lib.data.schema import VQASample
-from medvqa_lib.recipes.experiments import RunRecord, image_reliance, shuffled_images
+from medvqa_lib.experiments.runs import RunRecord, image_reliance, shuffled_images
 
 
 def _sample(i: int, image: str, answer_type: str = "closed") -> VQASample:

@@ -11,8 +11,8 @@ from medvqa_lib import text
 from medvqa_lib.config import get_profile
 from medvqa_lib.errors import ConfigError, DataError
 from medvqa_lib.evaluation import normalize_answer
-from medvqa_lib.models.blocks import SpecialIds, interpolate_pos_embed
-from medvqa_lib.models.m2i2 import (
+from medvqa_lib.nn import SpecialIds, interpolate_pos_embed
+from medvqa_lib.papers.m2i2.model import (
     M2I2,
     M2I2Config,
     build_m2i2,
@@ -365,7 +365,7 @@ def test_candidate_list_is_built_from_training_answers_only():
 
 def test_recipes_pretrain_finetune_predict(tok, tmp_path):
     from medvqa_lib.data.synthetic import load_synthetic_captions, load_synthetic_vqa
-    from medvqa_lib.recipes.generative_vqa import (
+    from medvqa_lib.experiments.generative import (
         ImageCache,
         StageSettings,
         finetune_vqa,
@@ -414,7 +414,7 @@ def test_same_seed_same_losses(tok):
 
 def test_cross_attention_gradcam(tok):
     pytest.importorskip("pytorch_grad_cam")
-    from medvqa_lib.models.m2i2_gradcam import (
+    from medvqa_lib.papers.m2i2.gradcam import (
         AttentionProbe,
         _explicit_cross_attention,
         cross_attention_gradcam,

@@ -13,7 +13,7 @@ from medvqa_lib.data.synthetic import load_synthetic_vqa
 from medvqa_lib.errors import DataError
 from medvqa_lib.evaluation import REPORTED as REPORTED_SOURCE
 from medvqa_lib.evaluation import normalize_answer, results_table
-from medvqa_lib.recipes.m2i2_study import (
+from medvqa_lib.papers.m2i2.pipeline import (
     CPU_SPEEDS,
     FULL,
     REPORTED,
@@ -245,7 +245,7 @@ def test_pick_examples_two_closed_two_open_on_distinct_images():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from medvqa_lib.recipes.generative_vqa import ImageCache
+    from medvqa_lib.experiments.generative import ImageCache
     from medvqa_lib.text import select_text_backbone
 
     backbone = select_text_backbone("tiny", verbose=False)
@@ -256,8 +256,8 @@ def tiny(tmp_path_factory):
 
 @needs_vocab
 def test_finetune_factory_and_restore(tiny, tmp_path):
-    from medvqa_lib.models.m2i2 import build_m2i2
-    from medvqa_lib.recipes.m2i2_study import finetune_factory, restore_finetuned
+    from medvqa_lib.papers.m2i2.model import build_m2i2
+    from medvqa_lib.papers.m2i2.pipeline import finetune_factory, restore_finetuned
     from medvqa_lib.training.checkpoint import MODEL_FILE, save_model_weights
 
     plan, backbone, _ = tiny
@@ -288,7 +288,7 @@ def test_finetune_factory_and_restore(tiny, tmp_path):
 
 @needs_vocab
 def test_rank_mode_answers_from_the_list_and_reports_the_leak(tiny):
-    from medvqa_lib.recipes.m2i2_study import finetune_factory, rank_mode, rank_mode_table
+    from medvqa_lib.papers.m2i2.pipeline import finetune_factory, rank_mode, rank_mode_table
 
     plan, backbone, cache = tiny
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ import torch
 from transformers import BertConfig
 
 from medvqa_lib import text
-from medvqa_lib.models.blocks import SpecialIds, masked_positions
-from medvqa_lib.models.miss import (
+from medvqa_lib.nn import SpecialIds, masked_positions
+from medvqa_lib.papers.miss.model import (
     MISS,
     MISSConfig,
     build_miss,

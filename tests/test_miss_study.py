@@ -8,9 +8,9 @@ from medvqa_lib.config import get_profile
 from medvqa_lib.data.dataset import VQACollator, group_by_image
 from medvqa_lib.data.schema import CaptionSample
 from medvqa_lib.data.synthetic import load_synthetic_vqa
-from medvqa_lib.models.blocks import attention
-from medvqa_lib.recipes.generative_vqa import GroupedVQADataset, ImageCache, predict
-from medvqa_lib.recipes.miss_study import (
+from medvqa_lib.nn import attention
+from medvqa_lib.experiments.generative import GroupedVQADataset, ImageCache, predict
+from medvqa_lib.papers.miss.pipeline import (
     compare_to_prior,
     seed_mean_scores,
     study_plan,
@@ -25,7 +25,7 @@ SYN = dict(n_images=30, image_size=64, seed=0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    from medvqa_lib.models.miss import MISSConfig, build_miss
+    from medvqa_lib.papers.miss.model import MISSConfig, build_miss
     from medvqa_lib.text import select_text_backbone
 
     backbone = select_text_backbone("tiny", verbose=False)
@@ -183,7 +183,7 @@ def test_compare_to_prior_supports_only_a_clear_margin():
 
 
 def test_retrieval_recall_is_perfect_when_captions_name_their_image(tiny, monkeypatch):
-    from medvqa_lib.recipes.miss_study import retrieval_recall
+    from medvqa_lib.papers.miss.pipeline import retrieval_recall
 
     model, tok = tiny
     caps = [CaptionSample(f"im{i}", None, f"caption {i}") for i in range(6)]
@@ -204,7 +204,7 @@ def test_retrieval_recall_is_perfect_when_captions_name_their_image(tiny, monkey
 
 
 def test_untie_decoder_copies_shared_modules_and_reties_the_head():
-    from medvqa_lib.models.miss import MISSConfig, build_miss
+    from medvqa_lib.papers.miss.model import MISSConfig, build_miss
     from medvqa_lib.text import select_text_backbone
 
     model = build_miss(MISSConfig.from_profile("smoke"), select_text_backbone("tiny", verbose=False))
@@ -227,7 +227,7 @@ def test_untie_decoder_copies_shared_modules_and_reties_the_head():
 
 
 def test_run_labels_become_single_folder_names():
-    from medvqa_lib.recipes.experiments import slug
+    from medvqa_lib.experiments.runs import slug
 
     assert slug("w/o JTM") == "wo_JTM"
     assert slug("JTM + TransCap (33%)") == "JTM_plus_TransCap_33pc"

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from medvqa_lib.errors import HubUnavailableError
-from medvqa_lib.models.paligemma import (
+from medvqa_lib.papers.paligemma.model import (
     LM_TARGETS,
     PaliGemmaSpec,
     PaliGemmaVQA,
@@ -19,7 +19,7 @@ from medvqa_lib.models.paligemma import (
     patch_grid,
     trainable_share,
 )
-from medvqa_lib.saliency import patch_to_tokens, raw_attention_map, rollout, to_grid
+from medvqa_lib.papers.paligemma.saliency import patch_to_tokens, raw_attention_map, rollout, to_grid
 
 TEXTS = ["answer en is there a lesion in the left lung", "yes", "no", "left lung",
          "answer en what organ is shown", "chest", "brain"] * 5

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from medvqa_lib.recipes.paligemma_study import adapter_control
+from medvqa_lib.papers.paligemma.pipeline import adapter_control
 
 
 def _scored(exact_closed: list[float], exact_open: list[float]) -> pd.DataFrame:

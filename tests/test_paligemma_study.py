@@ -11,8 +11,8 @@ from PIL import Image
 from medvqa_lib.config import get_profile
 from medvqa_lib.data.schema import CaptionSample, VQASample
 from medvqa_lib.errors import HubUnavailableError, UnknownNameError
-from medvqa_lib.recipes import paligemma_study as pg
-from medvqa_lib.recipes.paligemma_qa import CurationCounts, QAGenerator, curate, parse_qa
+from medvqa_lib.papers.paligemma import pipeline as pg
+from medvqa_lib.papers.paligemma.synthetic_qa import CurationCounts, QAGenerator, curate, parse_qa
 
 
 def _sample(i: int, split: str, answer: str = "yes", value: int = 0) -> VQASample:

@@ -6,7 +6,7 @@ import torch
 from medvqa_lib.data.schema import CaptionSample
 from medvqa_lib.data.synthetic import load_synthetic_captions, load_synthetic_vqa
 from medvqa_lib.errors import DataError
-from medvqa_lib.recipes.generative_vqa import (
+from medvqa_lib.experiments.generative import (
     CaptionMix,
     ImageCache,
     StageSettings,
@@ -23,7 +23,7 @@ SYN = dict(n_images=40, image_size=64, seed=0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    from medvqa_lib.models.miss import MISSConfig, build_miss
+    from medvqa_lib.papers.miss.model import MISSConfig, build_miss
     from medvqa_lib.text import select_text_backbone
 
     backbone = select_text_backbone("tiny", verbose=False)
@@ -87,7 +87,7 @@ def test_pretrain_on_captions(tiny, tmp_path):
 
 
 def test_seeds_loop_scores_every_test_question_and_tables_mean_std(tiny, tmp_path):
-    from medvqa_lib.recipes.experiments import finetune_and_test, seed_table, snapshot
+    from medvqa_lib.experiments.runs import finetune_and_test, seed_table, snapshot
 
     model, tok = tiny
     start = snapshot(model)
@@ -109,7 +109,7 @@ def test_seeds_loop_scores_every_test_question_and_tables_mean_std(tiny, tmp_pat
 
 
 def test_decoding_is_chosen_on_validation_and_beam_kept_only_when_not_worse(monkeypatch):
-    import medvqa_lib.recipes.generative_vqa as gv
+    import medvqa_lib.experiments.generative as gv
 
     val = load_synthetic_vqa("val", **SYN)[:6]
     calls = []

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from medvqa_lib.errors import DataError
-from medvqa_lib.recipes.run_store import load_runs, runs_frame, save_runs
+from medvqa_lib.experiments.run_store import load_runs, runs_frame, save_runs
 
 
 def _run(seed: int, exact: list[bool]) -> SimpleNamespace:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from medvqa_lib.data.registry import (
-    DATA_ENV,
     normalize_split,
     read_json_list,
     require_fields,
@@ -90,9 +89,6 @@ def _local_roco(root: str | os.PathLike | None) -> Path | None:
         if not path.is_dir():
             raise DataError(f"caption folder {path} does not exist. Expected: {LAYOUT}")
         return path / FOLDER if (path / FOLDER).is_dir() else path
-    env = os.environ.get(DATA_ENV)
-    if env and Path(env, FOLDER).is_dir():
-        return Path(env, FOLDER)
     return None
 
 
@@ -100,7 +96,7 @@ def load_roco_captions(
     split: str, root: str | os.PathLike | None = None, *, limit: int | None = None
 ) -> list[CaptionSample]:
     """ROCO radiology captions: from ``root`` (the caption folder, or a data folder holding
-    ``roco/``), else ``$MEDVQA_DATA_DIR/roco`` if present, else the Hub copy
+    ``roco/``), else the Hub copy
     ``mdwiratathya/ROCO-radiology``.
 
     Hub images are kept in memory as encoded bytes; ``limit`` keeps only the first rows (the

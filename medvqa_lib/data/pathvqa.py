@@ -63,8 +63,8 @@ def load_pathvqa(
     drop_test_duplicates: bool = True,
     verify_images: bool = False,
 ) -> list[VQASample]:
-    """PathVQA ``train``/``val``/``test``: from ``<root>/pathvqa/`` if given (or present under
-    ``$MEDVQA_DATA_DIR``), else from the Hub copy ``flaviagiammarino/path-vqa``.
+    """PathVQA ``train``/``val``/``test``: from ``<root>/pathvqa/`` if ``root`` is given,
+    else from the Hub copy ``flaviagiammarino/path-vqa``.
 
     Images are kept in memory as encoded bytes (one object per distinct image).
     """

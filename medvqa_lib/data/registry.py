@@ -15,13 +15,11 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from medvqa_lib.config import DATA_ENV
 from medvqa_lib.data.schema import SPLITS, VQASample
 from medvqa_lib.errors import ConfigError, DataError, unknown_name
 
 T = TypeVar("T")
-
-#: environment variable naming the real-data folder
-DATA_ENV = "MEDVQA_DATA_DIR"
 
 #: the layout :func:`data_root` expects (named in its errors)
 EXPECTED_LAYOUT = (
@@ -46,25 +44,22 @@ SPLIT_ALIASES = {"validate": "val", "validation": "val", "dev": "val"}
 # ----------------------------------------------------------------------------- data root
 
 
-def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The real-data folder: ``root`` if given, else ``$MEDVQA_DATA_DIR``.
+def data_root(root: str | os.PathLike | None) -> Path:
+    """The real-data folder ``root`` as a :class:`Path`.
 
-    Raises :class:`DataError` naming the variable and the expected layout when neither is
-    set or the folder does not exist.
+    Raises :class:`DataError` naming the expected layout when ``root`` is None or the folder
+    does not exist. (A chapter's ``setup`` resolves the folder once, from its ``data_dir``
+    parameter or ``$MEDVQA_DATA_DIR``; the loaders only ever take the path.)
     """
-    value = root if root is not None else os.environ.get(DATA_ENV)
-    if value is None or not str(value).strip():
+    if root is None or not str(root).strip():
         raise DataError(
-            f"no data folder given: pass root=... or set {DATA_ENV}=/path/to/data "
-            f"(expected layout: {EXPECTED_LAYOUT})"
+            f"no data folder given: pass root=/path/to/data (expected layout: {EXPECTED_LAYOUT}); "
+            f"a chapter takes it from its data_dir parameter or {DATA_ENV}"
         )
-    path = Path(value).expanduser()
+    path = Path(root).expanduser()
     if not path.is_dir():
-        source = "root" if root is not None else DATA_ENV
-        raise DataError(
-            f"data folder {path} (from {source}) does not exist; set {DATA_ENV} or pass root= "
-            f"a folder with this layout: {EXPECTED_LAYOUT}"
-        )
+        raise DataError(f"data folder {path} does not exist; pass root= a folder with this layout: "
+                        f"{EXPECTED_LAYOUT}")
     return path
 
 
@@ -77,17 +72,14 @@ def dataset_folder(root: str | os.PathLike | None, name: str, layout: str) -> Pa
 
 
 def optional_local_folder(root: str | os.PathLike | None, name: str) -> Path | None:
-    """``<root>/<name>`` when ``root`` is given (must exist), else ``$MEDVQA_DATA_DIR/<name>``
-    if that exists, else ``None`` (meaning: use the Hub)."""
-    if root is not None:
-        return dataset_folder(root, name, f"<root>/{name}/")
-    env = os.environ.get(DATA_ENV)
-    if env and Path(env, name).is_dir():
-        return Path(env, name)
-    return None
+    """``<root>/<name>`` when ``root`` is given (it must exist), else ``None`` (meaning: use the
+    Hub)."""
+    if root is None:
+        return None
+    return dataset_folder(root, name, f"<root>/{name}/")
 
 
-def available_datasets(root: str | os.PathLike | None = None) -> list[str]:
+def available_datasets(root: str | os.PathLike | None) -> list[str]:
     """Names of the real datasets present under the data root (empty if there is none)."""
     try:
         base = data_root(root)
@@ -166,6 +158,11 @@ def read_json_list(path: Path, layout: str) -> list[Any]:
         raise DataError(
             f"{path}: expected a JSON list of records at the top level, got "
             f"{type(data).__name__}; re-download the file."
+        )
+    if not data:
+        raise DataError(
+            f"{path} holds no records (an empty JSON list): the split would load 0 questions. "
+            "Re-download the file, or remove the dataset's folder to run without it."
         )
     return data
 
@@ -250,7 +247,7 @@ def load_vqa(
     """The ``split`` of dataset ``name`` as a list of :class:`VQASample`.
 
     ``name`` is one of :data:`DATASETS`. ``root`` is the real-data folder for ``"vqa-rad"``,
-    ``"slake"`` and ``"pathvqa"`` (default ``$MEDVQA_DATA_DIR``); the ``*-hub`` names always
+    ``"slake"`` and ``"pathvqa"`` (required for the first two); the ``*-hub`` names always
     read from the Hugging Face Hub and ``"synthetic"`` needs no folder. Extra keywords go to
     the dataset's loader.
     """

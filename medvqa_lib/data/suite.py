@@ -1,10 +1,11 @@
-"""The datasets a chapter runs on, chosen from the profile and the data folder."""
+"""The datasets a chapter runs on, chosen from its :class:`~medvqa_lib.config.RunContext`."""
 
 from __future__ import annotations
 
-import os
+import random
+from pathlib import Path
 
-from medvqa_lib.config import Profile, resolve_data_dir
+from medvqa_lib.config import Profile, RunContext
 from medvqa_lib.data.schema import SPLITS, VQASample
 
 Suite = dict[str, dict[str, list[VQASample]]]
@@ -15,13 +16,13 @@ LOCAL_FOLDERS = {"vqa-rad": "vqa_rad", "slake": "slake", "pathvqa": "pathvqa"}
 HUB_NAMES = {"vqa-rad": "vqa-rad-hub", "slake": "slake-hub", "pathvqa": "pathvqa"}
 
 
-def load_suite(profile: Profile, data_dir: str | os.PathLike | None = None, *,
-               synthetic: bool = True, seed: int = 0, verbose: bool = True) -> Suite:
-    """``{dataset: {split: samples}}``: synthetic always, real datasets when available.
+def load_suite(profile: Profile, root: Path | None, *, synthetic: bool = True, hub: bool = False,
+               seed: int = 0, verbose: bool = True) -> Suite:
+    """``{dataset: {split: samples}}``: the synthetic data (if ``synthetic``) and the real datasets.
 
-    Real data comes from ``data_dir`` (or ``$MEDVQA_DATA_DIR``) when given; otherwise, on the
-    ``gpu`` profile only, from the Hugging Face Hub if it is reachable. A dataset whose folder
-    is absent under the data root is skipped with a message, never silently replaced.
+    Real data comes from the folder ``root`` when it is given; otherwise from the Hugging Face
+    Hub when ``hub`` is True. A dataset whose folder is absent under ``root`` is skipped with a
+    message, never silently replaced. Nothing here reads the environment.
     """
     from medvqa_lib.data.registry import load_vqa
 
@@ -32,26 +33,31 @@ def load_suite(profile: Profile, data_dir: str | os.PathLike | None = None, *,
                             image_size=profile.image_size, seed=seed)
             for split in SPLITS
         }
-    root = resolve_data_dir(data_dir)
     for name in profile.real_datasets:
         if root is not None:
-            if not (root / LOCAL_FOLDERS.get(name, name)).is_dir():
-                _say(verbose, f"{name}: no folder {root / LOCAL_FOLDERS.get(name, name)} — skipped")
+            folder = root / LOCAL_FOLDERS.get(name, name)
+            if not folder.is_dir():
+                _say(verbose, f"{name}: no folder {folder} — skipped")
                 continue
             suite[name] = {split: load_vqa(name, split, root=root) for split in SPLITS}
             _say(verbose, f"{name}: loaded from {root}")
-        elif profile.name == "gpu" and _hub_reachable():
+        elif hub:
             suite[name] = {split: load_vqa(HUB_NAMES[name], split) for split in SPLITS}
             _say(verbose, f"{name}: loaded from the Hugging Face Hub")
-    if root is None and profile.name != "gpu":
+    if root is None and not hub:
         _say(verbose, "real data: none given (data_dir / MEDVQA_DATA_DIR) — synthetic data only")
     return suite
 
 
-def _hub_reachable() -> bool:
-    from medvqa_lib.data.hub import hub_reachable
-
-    return hub_reachable()
+def chapter_suite(ctx: RunContext, datasets: tuple[str, ...] | None = None,
+                  verbose: bool = False) -> Suite:
+    """The VQA datasets a paper chapter trains on: the real ones when ``ctx.real`` (``datasets``
+    overrides the profile's list), else the built-in synthetic radiology data."""
+    if ctx.real:
+        profile = ctx.profile if datasets is None else ctx.profile.replace(real_datasets=datasets)
+        return load_suite(profile, ctx.data_root, synthetic=False, hub=ctx.hub, seed=ctx.seed,
+                          verbose=verbose)
+    return load_suite(ctx.profile, None, synthetic=True, seed=ctx.seed, verbose=verbose)
 
 
 def _say(verbose: bool, message: str) -> None:
@@ -63,7 +69,5 @@ def cap(samples: list[VQASample], limit: int | None, seed: int = 0) -> list[VQAS
     """At most ``limit`` samples, a seeded random subset keeping the original order."""
     if limit is None or len(samples) <= limit:
         return samples
-    import random
-
     keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
     return [samples[i] for i in keep]

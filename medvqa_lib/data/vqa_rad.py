@@ -136,7 +136,7 @@ def load_vqa_rad(
 ) -> list[VQASample]:
     """The ``train``/``val``/``test`` questions of the local VQA-RAD copy.
 
-    ``root`` is the data folder (default ``$MEDVQA_DATA_DIR``). ``val`` is ``val_fraction`` of
+    ``root`` is the data folder (holding ``vqa_rad/``). ``val`` is ``val_fraction`` of
     the training questions, chosen by question with ``seed``. With ``drop_test_duplicates``,
     training rows that repeat a test (image, question) pair are left out of train and val.
     ``verify_images=True`` raises :class:`DataError` if image files are missing.

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvqa_lib.models.blocks import (
+from medvqa_lib.nn import (
     AnswerDecoding,
     FeatureQueue,
     LMHead,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medvqa_lib.models.m2i2 import M2I2
+from medvqa_lib.papers.m2i2.model import M2I2
 
 __all__ = ["AttentionProbe", "cross_attention_gradcam", "default_layer", "overlay"]
 

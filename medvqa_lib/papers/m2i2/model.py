@@ -9,7 +9,7 @@ The parts (Fig. 1 and Fig. 2 of the paper):
 * **Text encoder** — the first half of the BERT layers (no cross-attention); its [CLS] feeds ITC.
 * **Multimodal encoder** — the second half of the same BERT stack, with cross-attention to the
   image tokens; its [CLS] feeds ITM, its token states feed MLM and, for VQA, the answer decoder.
-  (Text and multimodal encoder are one :class:`~medvqa_lib.models.blocks.TextTransformer` whose
+  (Text and multimodal encoder are one :class:`~medvqa_lib.nn.TextTransformer` whose
   upper layers have cross-attention, as in ALBEF.)
 * **Image decoder** (MIM only, :class:`MAEDecoder`) — MAE's light transformer (8 blocks, 512
   wide in the ``gpu`` profile): the encoded visible patches plus a learned mask token at every
@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvqa_lib.models.blocks import (
+from medvqa_lib.nn import (
     AnswerDecoding,
     FeatureQueue,
     LMHead,
@@ -85,6 +85,11 @@ from medvqa_lib.models.blocks import (
     mask_tokens,
     masked_positions,
     momentum_update,
+    normalize_patches,
+    patchify,
+    random_patch_mask,
+    sincos_pos_embed,
+    unpatchify,
     with_start,
 )
 
@@ -96,14 +101,9 @@ __all__ = [
     "build_m2i2",
     "candidate_answers",
     "load_pretrained_for_finetune",
-    "masked_count",
     "mim_loss",
-    "patchify",
     "predict_ranked",
-    "random_patch_mask",
     "rank_answers",
-    "sincos_pos_embed",
-    "unpatchify",
     "with_test_answers",
 ]
 
@@ -197,55 +197,7 @@ class M2I2Config:
         return dataclasses.replace(self, **changes)
 
 
-# ----------------------------------------------------------------------------- MIM helpers
-
-
-def masked_count(num_patches: int, ratio: float) -> int:
-    """Patches masked per image: ``round(ratio * num_patches)``, at least 1 and at most
-    ``num_patches - 1`` when ``ratio > 0`` (0 when ``ratio == 0``)."""
-    if ratio <= 0:
-        return 0
-    return min(max(round(ratio * num_patches), 1), num_patches - 1)
-
-
-def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.device | str = "cpu",
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """MAE-style per-image random masking of exactly :func:`masked_count` patches.
-
-    Returns ``keep`` (B, N - n_masked): the visible patch indices in increasing order, and
-    ``mask`` (B, N) bool, True at the masked patches (the complement of ``keep``).
-    """
-    n_mask = masked_count(num_patches, ratio)
-    order = torch.rand(batch, num_patches, generator=generator, device=device).argsort(1)
-    keep = order[:, n_mask:].sort(1).values
-    mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
-    mask.scatter_(1, order[:, :n_mask], True)
-    return keep, mask
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order (as the ViT's patch
-    embedding), pixels of a patch ordered (row, column, channel)."""
-    b, c, h, w = images.shape
-    p = patch_size
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
-    """Inverse of :func:`patchify` for square images."""
-    b, n, _ = patches.shape
-    g, p = math.isqrt(n), patch_size
-    x = patches.reshape(b, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, g * p, g * p)
-
-
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-patch normalised pixels: ``(x - mean) / sqrt(var + eps)`` over each patch's values
-    (unbiased variance, as MAE's ``norm_pix_loss``)."""
-    mean = patches.mean(-1, keepdim=True)
-    var = patches.var(-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
+# ----------------------------------------------------------------------------- MIM loss
 
 
 def mim_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = False) -> Tensor:
@@ -258,21 +210,6 @@ def mim_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = False)
     per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # (B, N)
     mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def sincos_pos_embed(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sine-cosine positions (grid*grid, dim): half of the channels encode the row,
-    half the column, each as sines and cosines of geometrically spaced frequencies."""
-    quarter = dim // 4
-    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def encode(pos: Tensor) -> Tensor:
-        angles = pos.reshape(-1, 1) * freqs
-        return torch.cat([angles.sin(), angles.cos()], 1)
-
-    return torch.cat([encode(rows), encode(cols)], 1).float()
 
 
 class MAEDecoder(nn.Module):
@@ -743,9 +680,9 @@ def predict_ranked(model: M2I2, samples: Sequence[Any], candidates: Sequence[str
                    cache: Any, *, batch_size: int = 32, max_question_len: int = 32,
                    k: int | None = None) -> dict[str, str]:
     """Rank-mode answers keyed by question id (the counterpart of
-    :func:`medvqa_lib.recipes.generative_vqa.predict`)."""
+    :func:`medvqa_lib.experiments.generative.predict`)."""
     from medvqa_lib.data.dataset import VQACollator
-    from medvqa_lib.recipes.generative_vqa import CachedVQADataset
+    from medvqa_lib.experiments.generative import CachedVQADataset
 
     collate = VQACollator(tokenizer, max_question_len=max_question_len)
     dataset = CachedVQADataset(samples, cache)

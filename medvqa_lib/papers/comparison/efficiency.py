@@ -6,10 +6,10 @@ epochs on one dataset (SLAKE when it is loaded, else the first one) with capped 
 questions, selected on validation, and tested once on the same capped test questions. One seed; the
 generative models answer greedily here (their chapters use beam search where the paper does).
 
-* MISS and M2I2: image–caption pairs (:func:`~medvqa_lib.recipes.miss_study.caption_pairs`);
+* MISS and M2I2: image–caption pairs (:func:`~medvqa_lib.experiments.corpus.caption_pairs`);
 * CMDPI: its corpus of captions and training questions, both cut to the same share;
 * PaliGemma-LoRA: the captions of the stand-in base model's pre-training
-  (:func:`~medvqa_lib.recipes.paligemma_study.pretrain_base`), then LoRA on the dataset.
+  (:func:`~medvqa_lib.papers.paligemma.pipeline.pretrain_base`), then LoRA on the dataset.
 
 Each run's result is written atomically to ``<out_dir>/<method>_<share>.json`` and re-used by
 a later call with the same settings.
@@ -31,9 +31,9 @@ from medvqa_lib.config import Profile
 from medvqa_lib.data.suite import cap
 from medvqa_lib.evaluation import score_predictions, summarize
 from medvqa_lib.io import atomic_write_json
-from medvqa_lib.recipes.cmdpi_study import CPU_SECONDS_PER_1000 as CMDPI_SECONDS
-from medvqa_lib.recipes.comparison_study import ComparisonPlan
-from medvqa_lib.recipes.m2i2_study import CPU_SPEEDS as M2I2_SPEEDS
+from medvqa_lib.papers.cmdpi.pipeline import CPU_SECONDS_PER_1000 as CMDPI_SECONDS
+from medvqa_lib.papers.comparison.study import ComparisonPlan
+from medvqa_lib.papers.m2i2.pipeline import CPU_SPEEDS as M2I2_SPEEDS
 from medvqa_lib.training import seed_everything
 
 __all__ = ["efficiency_dataset", "efficiency_splits", "run_efficiency", "estimate_seconds", "efficiency_figure"]
@@ -82,7 +82,7 @@ def estimate_seconds(plan: ComparisonPlan, methods: Sequence[str] | None = None)
 
 
 def _subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
-    from medvqa_lib.recipes.miss_study import subset
+    from medvqa_lib.experiments.corpus import subset
 
     return subset(list(items), fraction, seed)
 
@@ -91,8 +91,8 @@ def _generative_shares(name: str, study_module: Any, study: Any, pairs: Sequence
                        ft_cache: Any, plan: ComparisonPlan, splits: Mapping[str, list[Any]],
                        fractions: Sequence[float], out: Path, seed: int) -> dict[float, dict[str, Any]]:
     """MISS and M2I2 alike: for each share of ``pairs``, pre-train with ``study_module`` (none at
-    share 0), fine-tune and answer greedily with :func:`~medvqa_lib.recipes.experiments.finetune_and_test`."""
-    from medvqa_lib.recipes.experiments import finetune_and_test
+    share 0), fine-tune and answer greedily with :func:`~medvqa_lib.experiments.runs.finetune_and_test`."""
+    from medvqa_lib.experiments.runs import finetune_and_test
     from medvqa_lib.text import select_text_backbone
 
     backbone = select_text_backbone(study.model.text_backbone)
@@ -114,19 +114,20 @@ def _generative_shares(name: str, study_module: Any, study: Any, pairs: Sequence
 
 def _miss(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
           out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.recipes import miss_study as ms
-    from medvqa_lib.recipes.generative_vqa import ImageCache
+    from medvqa_lib.experiments.corpus import caption_pairs
+    from medvqa_lib.experiments.generative import ImageCache
+    from medvqa_lib.papers.miss import pipeline as ms
 
     study = ms.study_plan(profile, out / "MISS", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
-    pairs, _ = ms.caption_pairs(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
+    pairs, _ = caption_pairs(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
     cache = ImageCache(study.model.image_size)
     return _generative_shares("MISS", ms, study, pairs, cache, cache, plan, splits, fractions, out, seed)
 
 
 def _m2i2(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
           out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.recipes import m2i2_study as m2
-    from medvqa_lib.recipes.generative_vqa import ImageCache
+    from medvqa_lib.experiments.generative import ImageCache
+    from medvqa_lib.papers.m2i2 import pipeline as m2
 
     study = m2.study_plan(profile, out / "M2I2", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
     pairs, _, _ = m2.pretraining_corpus(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
@@ -138,9 +139,9 @@ def _m2i2(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]
 
 def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
            out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.models.cmdpi import build_answer_vocab
-    from medvqa_lib.recipes import cmdpi_study as cm
-    from medvqa_lib.recipes.generative_vqa import ImageCache
+    from medvqa_lib.experiments.generative import ImageCache
+    from medvqa_lib.papers.cmdpi import pipeline as cm
+    from medvqa_lib.papers.cmdpi.model import build_answer_vocab
     from medvqa_lib.text import select_text_backbone
 
     study = cm.study_plan(profile, out / "CMDPI", pretrain=dict(epochs=plan.efficiency_pretrain_epochs),
@@ -169,7 +170,7 @@ def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any
 def _paligemma(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]],
                fractions: Sequence[float], out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
     from medvqa_lib.data.synthetic import load_synthetic_captions
-    from medvqa_lib.recipes import paligemma_study as pg
+    from medvqa_lib.papers.paligemma import pipeline as pg
 
     study = pg.study_plan(profile, base_epochs=plan.efficiency_pretrain_epochs)
     if not study.spec.is_tiny:

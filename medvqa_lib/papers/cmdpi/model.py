@@ -108,7 +108,7 @@ from medvqa_lib.data.dataset import VQACollator, stack_images
 from medvqa_lib.evaluation.answers import AnswerVocabulary
 from medvqa_lib.evaluation.guards import ensure_splits
 from medvqa_lib.evaluation.normalize import normalize_answer
-from medvqa_lib.models.blocks import (
+from medvqa_lib.nn import (
     LMHead,
     Packing,
     SpecialIds,
@@ -120,7 +120,10 @@ from medvqa_lib.models.blocks import (
     load_bert_weights,
     mask_tokens,
     momentum_update,
+    normalize_patches,
     padding_mask,
+    patchify,
+    random_patch_mask,
 )
 
 __all__ = [
@@ -145,9 +148,7 @@ __all__ = [
     "image_rec_loss",
     "load_pretrained_for_finetune",
     "mixup_partners",
-    "patchify",
     "predict_samples",
-    "random_patch_mask",
     "remap_answer_head",
     "sample_lambda",
     "similar_pairs",
@@ -281,24 +282,8 @@ class CMDPIConfig:
 # ----------------------------------------------------------------------------- losses and ops
 
 
-def patchify(images: Tensor, patch: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, patch*patch*C), patches in the ViT's row-major order."""
-    b, c, h, w = images.shape
-    x = images.unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, H/p, W/p, p, p)
-    return x.permute(0, 2, 3, 4, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def random_patch_mask(batch: int, n: int, ratio: float, device: torch.device | str = "cpu"
-                      ) -> tuple[Tensor, Tensor]:
-    """MAE masking: ``round(n * ratio)`` random patches per row (at most n-1).
-
-    Returns (masked (B, N) bool, True = masked; keep (B, n_keep) sorted visible indices).
-    """
-    n_mask = min(int(round(n * ratio)), n - 1)
-    order = torch.rand(batch, n, device=device).argsort(1)
-    keep = order[:, : n - n_mask].sort(1).values
-    masked = torch.ones(batch, n, dtype=torch.bool, device=device).scatter(1, keep, False)
-    return masked, keep
 
 
 def image_rec_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None,
@@ -310,7 +295,7 @@ def image_rec_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None,
     nothing is scored.
     """
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        target = normalize_patches(target)
     err = (pred.float() - target.float()).pow(2).mean(-1)
     if mask is not None:
         err = err[mask]
@@ -464,7 +449,7 @@ class RecNet(nn.Module):
     """Eq. 3: ``v_0 = [h, H_I, H_T] + pos``; post-LN self-attention/GELU-FFN layers.
 
     Padding text positions are masked out as keys (and skipped, see
-    :class:`~medvqa_lib.models.blocks.Packing`); their outputs are zeros.
+    :class:`~medvqa_lib.nn.Packing`); their outputs are zeros.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int, n_image: int,
@@ -684,7 +669,7 @@ class CMDPI(nn.Module):
         """Eq. 2: mask, encode, run RecNet once on [global rows; local rows] (same masked
         features, different head vector), score each half with Eqs. 4-5."""
         c, b, n = self.config, images.shape[0], self.n_patches
-        masked, keep = random_patch_mask(b, n, c.image_mask_ratio, images.device)
+        keep, masked = random_patch_mask(b, n, c.image_mask_ratio, images.device)
         visible = self.image_encoder(images, keep)[:, 1:]
         d = visible.shape[-1]
         h_img = self.image_mask_token.to(visible.dtype).expand(b, n, d).scatter(
@@ -1001,7 +986,7 @@ def build_similar_images(model: CMDPI, train_samples: Sequence[Any], cache: Any,
                          max_similarity: float | None = None) -> SimilarImages:
     """Similar-image table over the distinct images of the *training* samples, from the
     (pre-trained) model's global image features. ``cache.get(sample)`` gives the image tensor
-    (e.g. :class:`~medvqa_lib.recipes.generative_vqa.ImageCache`)."""
+    (e.g. :class:`~medvqa_lib.experiments.generative.ImageCache`)."""
     ensure_splits(train_samples, {"train"}, "finding similar images for difference reconstruction")
     first: dict[str, Any] = {}
     for s in train_samples:

@@ -92,16 +92,16 @@ def _samples(profile: Profile, n: int, seed: int) -> list[Any]:
 
 def _generative(method: str, profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> _Bench:
     from medvqa_lib.data.dataset import VQACollator
-    from medvqa_lib.recipes.generative_vqa import CachedVQADataset, ImageCache, predict
+    from medvqa_lib.experiments.generative import CachedVQADataset, ImageCache, predict
     from medvqa_lib.text import select_text_backbone
 
     if method == "MISS":
-        from medvqa_lib.recipes.miss_study import finetune_factory, study_plan
+        from medvqa_lib.papers.miss.pipeline import finetune_factory, study_plan
 
         study = study_plan(profile, tmp)
         size = study.model.finetune_image_size or study.model.image_size
     else:
-        from medvqa_lib.recipes.m2i2_study import finetune_factory, study_plan
+        from medvqa_lib.papers.m2i2.pipeline import finetune_factory, study_plan
 
         study = study_plan(profile, tmp)
         size = study.finetune_image_size
@@ -120,15 +120,15 @@ def _generative(method: str, profile: Profile, samples: list[Any], batch_size: i
 
 
 def _cmdpi(profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> _Bench:
-    from medvqa_lib.models.cmdpi import (
+    from medvqa_lib.experiments.generative import ImageCache
+    from medvqa_lib.papers.cmdpi.model import (
         CMDPICollator,
         CMDPIVQADataset,
         build_answer_vocab,
         build_cmdpi,
         predict_samples,
     )
-    from medvqa_lib.recipes.cmdpi_study import freeze, study_plan
-    from medvqa_lib.recipes.generative_vqa import ImageCache
+    from medvqa_lib.papers.cmdpi.pipeline import freeze, study_plan
     from medvqa_lib.text import select_text_backbone
 
     study = study_plan(profile, tmp)
@@ -150,8 +150,8 @@ def _cmdpi(profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> 
 
 
 def _paligemma(profile: Profile, samples: list[Any], batch_size: int) -> _Bench:
-    from medvqa_lib.models.paligemma import VQACollator
-    from medvqa_lib.recipes import paligemma_study as pg
+    from medvqa_lib.papers.paligemma import pipeline as pg
+    from medvqa_lib.papers.paligemma.model import VQACollator
 
     study = pg.study_plan(profile)
     texts = [f"answer en {s.question}" for s in samples] + [str(s.answer) for s in samples]

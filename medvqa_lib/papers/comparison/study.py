@@ -1,6 +1,6 @@
 """The comparison chapter: the four methods side by side on the runs their chapters made.
 
-Each paper chapter stores its main fine-tuning runs (:mod:`medvqa_lib.recipes.run_store`); this
+Each paper chapter stores its main fine-tuning runs (:mod:`medvqa_lib.experiments.run_store`); this
 module reads them back and compares the methods on exactly those test questions:
 
 * :func:`load_method_runs` — the stored runs of every method (running a missing chapter first
@@ -12,8 +12,8 @@ module reads them back and compares the methods on exactly those test questions:
 * :func:`cost_table` — parameters, training time and throughput of the stored runs.
 
 Data efficiency (accuracy against the amount of pre-training data) lives in
-:mod:`medvqa_lib.recipes.comparison_efficiency`, the throughput measurement in
-:mod:`medvqa_lib.recipes.throughput`.
+:mod:`medvqa_lib.papers.comparison.efficiency`, the throughput measurement in
+:mod:`medvqa_lib.papers.comparison.throughput`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from medvqa_lib.evaluation import (
     paired_bootstrap,
     score_predictions,
 )
-from medvqa_lib.recipes.run_store import load_runs
+from medvqa_lib.experiments.run_store import load_runs
 
 __all__ = ["METHODS", "PRIOR", "CHAPTERS", "REPORTED", "ComparisonPlan", "study_plan", "runs_path",
            "load_method_runs", "run_chapter", "prior_runs", "test_sets", "seed_scores", "main_table",
@@ -280,9 +280,9 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def _reported_rows() -> list[dict[str, Any]]:
     """Each paper's own row for its method, from the chapters' study modules."""
-    from medvqa_lib.recipes.cmdpi_study import REPORTED as CMDPI_REPORTED
-    from medvqa_lib.recipes.m2i2_study import REPORTED as M2I2_REPORTED
-    from medvqa_lib.recipes.miss_study import REPORTED as MISS_REPORTED
+    from medvqa_lib.papers.cmdpi.pipeline import REPORTED as CMDPI_REPORTED
+    from medvqa_lib.papers.m2i2.pipeline import REPORTED as M2I2_REPORTED
+    from medvqa_lib.papers.miss.pipeline import REPORTED as MISS_REPORTED
 
     rows = [  # (method, dataset, test set, closed, open, overall, where)
         ("MISS", "vqa-rad", "free+para", *MISS_REPORTED["vqa-rad"][0][1:], "MISS paper, Table 1 (w/o TransCap)"),
@@ -495,7 +495,7 @@ def _kind(device: Any) -> str:
 def cost_table(runs: pd.DataFrame, throughput: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (method, dataset): parameters (total / trainable, M), training wall time (mean over
     seeds, s), training samples/s, peak memory (MB) and where it ran (cpu/gpu), from the stored
-    runs; with ``throughput`` (:func:`~medvqa_lib.recipes.throughput.throughput_table`) its
+    runs; with ``throughput`` (:func:`~medvqa_lib.papers.comparison.throughput.throughput_table`) its
     measured training samples/s and inference answers/s per method are added."""
     per_run = runs[runs["method"] != PRIOR].drop_duplicates(["method", "dataset", "seed"])
     rows = []

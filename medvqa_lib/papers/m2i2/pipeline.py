@@ -3,12 +3,12 @@
 A study is sized by a run profile (:func:`study_plan`). Pre-training runs once per variant of
 Table 4 that needs it (the full model, w/o MIM, w/o ITC); "w/o pre-training" fine-tunes the
 freshly built model. Fine-tuning then runs per dataset and seed, always selecting the epoch on
-validation questions (:func:`~medvqa_lib.recipes.experiments.finetune_and_test`).
+validation questions (:func:`~medvqa_lib.experiments.runs.finetune_and_test`).
 
 Pre-training data: M2I2 pre-trains on image-caption pairs only (the paper: ImageCLEF 2022
 captions). Here they are ROCO when the user has it (a ``roco/`` folder under the data root, or
 the Hub on the ``gpu`` profile), else the synthetic generator's captions, a labelled stand-in
-(:func:`pretraining_corpus`, which reuses the MISS chapter's :func:`caption_pairs`).
+(:func:`pretraining_corpus`, the shared :func:`~medvqa_lib.experiments.corpus.caption_pairs`).
 
 Answers are generated. The public code's *rank mode* is an extra evaluation: it picks the most
 likely answer from a list, built here from the training split only (:func:`candidate_lists`);
@@ -40,7 +40,10 @@ from medvqa_lib.evaluation import (
     score_predictions,
     summarize,
 )
-from medvqa_lib.models.m2i2 import (
+from medvqa_lib.experiments.corpus import caption_pairs
+from medvqa_lib.experiments.generative import ImageCache, StageSettings, pretrain
+from medvqa_lib.experiments.runs import RunRecord, compare_to_prior, seed_mean_scores, snapshot
+from medvqa_lib.papers.m2i2.model import (
     M2I2,
     M2I2Config,
     build_m2i2,
@@ -49,9 +52,6 @@ from medvqa_lib.models.m2i2 import (
     predict_ranked,
     with_test_answers,
 )
-from medvqa_lib.recipes.experiments import RunRecord, snapshot
-from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, pretrain
-from medvqa_lib.recipes.miss_study import caption_pairs, compare_to_prior, seed_mean_scores
 from medvqa_lib.training import TrainResult, autocast_context, seed_everything
 
 __all__ = ["FULL", "LoggedStage", "M2I2Study", "REPORTED", "ablation_configs", "candidate_lists", "compare_with_prior",
@@ -262,7 +262,7 @@ def pretraining_corpus(profile: Profile, n: int, seed: int = 0, data_dir: Any = 
                        ) -> tuple[list[CaptionSample], list[CaptionSample], str]:
     """``n`` image-caption pairs for pre-training, ``n_held_out`` more (other images) for
     figures, and where they came from (ROCO when given, else synthetic captions; see
-    :func:`~medvqa_lib.recipes.miss_study.caption_pairs`). M2I2 uses no other pre-training
+    :func:`~medvqa_lib.experiments.corpus.caption_pairs`). M2I2 uses no other pre-training
     data."""
     pairs, source = caption_pairs(profile, n + n_held_out, seed, data_dir, verbose=False)
     train_images = {p.image_id for p in pairs[:n]}
@@ -301,7 +301,7 @@ def finetune_config(config: M2I2Config) -> M2I2Config:
 
 
 def finetune_factory(config: M2I2Config, state: Mapping[str, torch.Tensor] | None, backbone: Any = None):
-    """``make_model()`` for :func:`~medvqa_lib.recipes.experiments.finetune_and_test`: a fresh
+    """``make_model()`` for :func:`~medvqa_lib.experiments.runs.finetune_and_test`: a fresh
     model at the fine-tuning image size, from pre-trained ``state`` (positional embeddings
     interpolated, answer decoder initialised from the multimodal layers), or from the text
     backbone and a new image encoder when ``state`` is None (w/o pre-training)."""
@@ -584,8 +584,8 @@ def gradcam_figure(model: M2I2, samples: Sequence[VQASample], tokenizer: Any, ca
     import matplotlib.pyplot as plt
 
     from medvqa_lib.data.dataset import VQACollator
-    from medvqa_lib.models.m2i2_gradcam import cross_attention_gradcam, default_layer, overlay
-    from medvqa_lib.recipes.generative_vqa import CachedVQADataset, decode_answers
+    from medvqa_lib.experiments.generative import CachedVQADataset, decode_answers
+    from medvqa_lib.papers.m2i2.gradcam import cross_attention_gradcam, default_layer, overlay
 
     data = CachedVQADataset(list(samples), cache)
     batch = VQACollator(tokenizer, max_question_len=max_question_len)([data[i] for i in range(len(data))])

@@ -1,7 +1,7 @@
 """The CMDPI chapter's experiments: corpus, pre-training and fine-tuning runs, and analyses.
 
 A study is sized by a run profile (:func:`study_plan`): the model preset
-(:meth:`~medvqa_lib.models.cmdpi.CMDPIConfig.from_profile`), the two training stages, the
+(:meth:`~medvqa_lib.papers.cmdpi.model.CMDPIConfig.from_profile`), the two training stages, the
 pre-training corpus, the seeds, and the points of the appendix sweeps.
 
 Pre-training corpus (Sec. 3.2.3 of the paper: captions go to reconstruction *and* contrastive
@@ -9,7 +9,7 @@ learning, VQA data to reconstruction only):
 
 * **captions** — ROCO when the user has it (local ``roco/`` folder, or the Hub on ``gpu``);
   otherwise the synthetic generator's captions, a labelled stand-in
-  (:func:`~medvqa_lib.recipes.miss_study.caption_pairs`);
+  (:func:`~medvqa_lib.experiments.corpus.caption_pairs`);
 * **VQA data** — the paper uses automatically generated PMC-VQA questions. Offline there is no
   such set, so ``pretrain_vqa`` chooses: ``"train"`` (the *training* questions of the datasets
   the chapter fine-tunes on, never validation or test; the default), ``"synthetic"`` (the
@@ -43,7 +43,20 @@ from medvqa_lib.data.dataset import VQACollator
 from medvqa_lib.data.schema import CaptionSample, VQASample
 from medvqa_lib.data.suite import cap
 from medvqa_lib.evaluation import AnswerVocabulary, ensure_splits, score_predictions, summarize
-from medvqa_lib.models.cmdpi import (
+from medvqa_lib.experiments.corpus import caption_pairs
+from medvqa_lib.experiments.generative import (
+    CachedCaptionDataset,
+    CachedVQADataset,
+    ImageCache,
+    StageSettings,
+)
+from medvqa_lib.experiments.runs import (
+    RunRecord,
+    compare_to_prior,
+    seed_mean_scores,
+    shuffled_images,
+)
+from medvqa_lib.papers.cmdpi.model import (
     CMDPI,
     CMDPICollator,
     CMDPIConfig,
@@ -57,14 +70,6 @@ from medvqa_lib.models.cmdpi import (
     load_pretrained_for_finetune,
     predict_samples,
 )
-from medvqa_lib.recipes.experiments import RunRecord, shuffled_images
-from medvqa_lib.recipes.generative_vqa import (
-    CachedCaptionDataset,
-    CachedVQADataset,
-    ImageCache,
-    StageSettings,
-)
-from medvqa_lib.recipes.miss_study import caption_pairs, compare_to_prior, seed_mean_scores
 from medvqa_lib.training import Trainer, TrainResult, seed_everything
 
 __all__ = [
@@ -435,7 +440,7 @@ class SimilarityIndex:
 
 @dataclass
 class CMDPIRun(RunRecord):
-    """A :class:`~medvqa_lib.recipes.experiments.RunRecord` plus what CMDPI adds."""
+    """A :class:`~medvqa_lib.experiments.runs.RunRecord` plus what CMDPI adds."""
 
     #: FFN_A classes (training answers of the dataset)
     answers: int = 0
@@ -477,7 +482,7 @@ def finetune_and_test(label: str, config: CMDPIConfig, state: Mapping[str, torch
     pre-training vocabulary shares are carried over. Similar images come from the model
     *before* fine-tuning (``similarity`` re-uses features computed earlier) at
     ``config.sim_threshold``. ``image_control``: also answer the test questions about shuffled
-    images (:func:`~medvqa_lib.recipes.experiments.shuffled_images`).
+    images (:func:`~medvqa_lib.experiments.runs.shuffled_images`).
     """
     train = cap(list(splits["train"]), max_train, seed=0)
     val, test = list(splits["val"]), list(splits["test"])
@@ -715,7 +720,7 @@ def implied_overall(closed: float, open_: float, n_closed: int, n_open: int) -> 
 
 def readings_of_the_paper() -> str:
     """The 'Readings of the paper' section of the model's docstring (Markdown-ready)."""
-    from medvqa_lib.models import cmdpi
+    from medvqa_lib.papers.cmdpi import model as cmdpi
 
     doc = cmdpi.__doc__ or ""
     start = doc.find("Readings of the paper")

@@ -21,19 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
-from medvqa_lib.config import Profile, resolve_data_dir
+from medvqa_lib.config import Profile
 from medvqa_lib.data.schema import CaptionSample, LabelledImage
-from medvqa_lib.models.miss import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
-from medvqa_lib.recipes.experiments import compare_to_prior, seed_mean_scores, slug, snapshot
-from medvqa_lib.recipes.generative_vqa import ImageCache, StageSettings, pretrain
+from medvqa_lib.experiments.generative import ImageCache, StageSettings, pretrain
+from medvqa_lib.experiments.runs import slug, snapshot
+from medvqa_lib.papers.miss.model import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
 from medvqa_lib.training import TrainResult, seed_everything
 
-__all__ = ["REPORTED", "MISSStudy", "study_plan", "caption_pairs", "transcap_pool", "subset", "pretrain_variant",
-           "finetune_factory", "retrieval_recall", "seed_mean_scores", "compare_to_prior"]
+__all__ = ["REPORTED", "MISSStudy", "study_plan", "transcap_pool", "pretrain_variant",
+           "finetune_factory", "retrieval_recall"]
 
 #: the MISS paper's own numbers per dataset: (row label, closed, open, overall) in %
 REPORTED: dict[str, list[tuple[str, float, float, float]]] = {  # Table 1 ("OURS (w/o TransCap)"), Table 3
@@ -114,37 +113,13 @@ def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> MISSS
 # ----------------------------------------------------------------------------- corpora
 
 
-def caption_pairs(profile: Profile, n: int, seed: int = 0, data_dir: Any = None,
-                  verbose: bool = True) -> tuple[list[CaptionSample], str]:
-    """Up to ``n`` image-caption pairs and where they came from: a local ROCO folder under the
-    data root (``roco/``), the Hub's ROCO on the ``gpu`` profile when reachable, else the
-    synthetic generator's training captions."""
-    root = resolve_data_dir(data_dir)
-    from medvqa_lib.data.captions import load_roco_captions
-
-    if root is not None and (root / "roco").is_dir():
-        pairs, source = load_roco_captions("train", root), f"ROCO ({root / 'roco'})"
-    elif profile.name == "gpu" and _hub_reachable():
-        pairs, source = load_roco_captions("train", limit=n), "ROCO (Hugging Face Hub)"
-    else:
-        from medvqa_lib.data.synthetic import load_synthetic_captions
-
-        pairs = load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.image_size,
-                                        seed=seed)
-        source = "synthetic captions (stand-in for ROCO)"
-    rng = np.random.default_rng(seed)
-    pairs = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:n])]
-    if verbose:
-        print(f"image-caption pairs: {len(pairs)} from {source}")
-    return pairs, source
 
 
-def transcap_pool(profile: Profile, suite: Mapping[str, Any], data_dir: Any = None, seed: int = 0,
+def transcap_pool(profile: Profile, suite: Mapping[str, Any], root: Path | None = None, seed: int = 0,
                   split: str = "train") -> tuple[list[LabelledImage], str]:
     """The labelled single-modality images TransCap captions: SLAKE's boxes of ``split``
     images when SLAKE is loaded, else the synthetic RSNA-like chest X-rays of ``split``
     (``"train"`` for pre-training, ``"val"`` for held-out checks; never ``"test"``)."""
-    root = resolve_data_dir(data_dir)
     if "slake" in suite and root is not None:
         from medvqa_lib.data.slake import load_slake_detection
 
@@ -157,18 +132,8 @@ def transcap_pool(profile: Profile, suite: Mapping[str, Any], data_dir: Any = No
     return pretraining_items(items, (split,)), f"synthetic RSNA-like chest X-rays ({split} images)"
 
 
-def _hub_reachable() -> bool:
-    from medvqa_lib.data.hub import hub_reachable
-
-    return hub_reachable()
 
 
-def subset(items: Sequence[Any], fraction: float, seed: int = 0) -> list[Any]:
-    """A seeded random share of ``items`` (nested: a smaller share is inside a larger one)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    order = np.random.default_rng(seed).permutation(len(items))
-    return [items[i] for i in sorted(order[: round(fraction * len(items))])]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -187,7 +152,7 @@ def pretrain_variant(label: str, config: MISSConfig, corpus: Sequence[CaptionSam
 
 def finetune_factory(config: MISSConfig, state: Mapping[str, torch.Tensor] | None, backbone: Any = None,
                      untie_decoder: bool = False):
-    """``make_model()`` for :func:`~medvqa_lib.recipes.experiments.finetune_and_test`: a fresh
+    """``make_model()`` for :func:`~medvqa_lib.experiments.runs.finetune_and_test`: a fresh
     model at the fine-tuning image size, from pre-trained ``state`` (or none: w/o pre-training);
     ``untie_decoder`` gives the answer decoder its own weights, as the public VQA code does."""
 

@@ -15,7 +15,7 @@ import torch
 
 from medvqa_lib.data.schema import VQASample
 from medvqa_lib.evaluation import paired_bootstrap, score_predictions, summarize_with_ci
-from medvqa_lib.recipes.generative_vqa import (
+from medvqa_lib.experiments.generative import (
     ImageCache,
     StageSettings,
     choose_decoding,

@@ -34,7 +34,7 @@ from medvqa_lib.evaluation import (
     score_predictions,
     sentence_bleu_scores,
 )
-from medvqa_lib.models.paligemma import (
+from medvqa_lib.papers.paligemma.model import (
     CAPTION_PREFIX,
     PaliGemmaSpec,
     PaliGemmaVQA,
@@ -231,7 +231,7 @@ def pretrain_base(vqa: PaliGemmaVQA, captions: Sequence[Any], study: PaliGemmaSt
 
 def add_adapters(vqa: PaliGemmaVQA, study: PaliGemmaStudy) -> dict[str, float]:
     """Freeze the base and add the LoRA adapters; returns the trainable share."""
-    from medvqa_lib.models.paligemma import trainable_share
+    from medvqa_lib.papers.paligemma.model import trainable_share
 
     vqa.model = apply_lora(vqa.model, study.spec)
     return trainable_share(vqa)
@@ -441,7 +441,12 @@ def saliency_for(vqa: PaliGemmaVQA, image: Any, question: str, *, layer: int = -
     one head of ``layer`` from the response tokens to the image patches (Figure 10), the
     response tokens most attending to the brightest patch (Figure 11), and attention rollout
     over all layers (Figure 14), all on the model's own patch grid."""
-    from medvqa_lib.saliency import patch_to_tokens, raw_attention_map, rollout, to_grid
+    from medvqa_lib.papers.paligemma.saliency import (
+        patch_to_tokens,
+        raw_attention_map,
+        rollout,
+        to_grid,
+    )
 
     vqa.eval()
     image = image.convert("RGB")
@@ -481,7 +486,7 @@ def saliency_for(vqa: PaliGemmaVQA, image: Any, question: str, *, layer: int = -
 def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
                      n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Paired bootstrap of PaliGemma − prior accuracy (percentage points, 95 % interval)."""
-    from medvqa_lib.recipes.experiments import compare_to_prior as paired
+    from medvqa_lib.experiments.runs import compare_to_prior as paired
 
     return paired(model_scored, prior_scored, n_resamples=n_resamples, seed=seed, label="PaliGemma")
 

@@ -1,0 +1,90 @@
+"""Shared neural-network blocks: BERT-style layers, the ViT, patches and patch masks,
+contrastive pre-training (queues, momentum encoders, ITC) and answer decoding."""
+
+from __future__ import annotations
+
+from medvqa_lib.nn.contrastive import (
+    FeatureQueue,
+    copy_params,
+    hard_negative_indices,
+    image_id_tensor,
+    itc_loss,
+    momentum_update,
+)
+from medvqa_lib.nn.decoding import (
+    AnswerDecoding,
+    SpecialIds,
+    mask_tokens,
+    masked_positions,
+    with_start,
+)
+from medvqa_lib.nn.layers import (
+    MASK_VALUE,
+    Attention,
+    AttentionBlock,
+    Dropout,
+    FeedForward,
+    KVCache,
+    LMHead,
+    LoadReport,
+    Packing,
+    TextEmbeddings,
+    TextTransformer,
+    TransformerLayer,
+    attention,
+    causal_mask,
+    init_bert_weights,
+    load_bert_weights,
+    padding_mask,
+)
+from medvqa_lib.nn.patches import (
+    masked_count,
+    normalize_patches,
+    patchify,
+    random_patch_mask,
+    sincos_pos_embed,
+    unpatchify,
+)
+from medvqa_lib.nn.vit import (
+    build_vit,
+    interpolate_pos_embed,
+)
+
+__all__ = [
+    "AnswerDecoding",
+    "Attention",
+    "AttentionBlock",
+    "Dropout",
+    "FeatureQueue",
+    "FeedForward",
+    "KVCache",
+    "LMHead",
+    "LoadReport",
+    "MASK_VALUE",
+    "Packing",
+    "SpecialIds",
+    "TextEmbeddings",
+    "TextTransformer",
+    "TransformerLayer",
+    "attention",
+    "build_vit",
+    "causal_mask",
+    "copy_params",
+    "hard_negative_indices",
+    "image_id_tensor",
+    "init_bert_weights",
+    "interpolate_pos_embed",
+    "itc_loss",
+    "load_bert_weights",
+    "mask_tokens",
+    "masked_count",
+    "masked_positions",
+    "momentum_update",
+    "normalize_patches",
+    "padding_mask",
+    "patchify",
+    "random_patch_mask",
+    "sincos_pos_embed",
+    "unpatchify",
+    "with_start",
+]

@@ -1,1 +1,0 @@
-"""Training recipes shared by the chapters: pre-train, fine-tune, answer, score over seeds."""
