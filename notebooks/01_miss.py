@@ -374,7 +374,7 @@ vs_prior
 # drops, the model answers from the question alone.
 
 # %%
-from medvqa_lib.experiments.runs import image_reliance
+from medvqa_lib.experiments.tables import image_reliance
 
 reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())

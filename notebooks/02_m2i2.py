@@ -385,7 +385,7 @@ vs_prior
 # the question alone, and it cannot beat the prior by more than its own language prior allows.
 
 # %%
-from medvqa_lib.experiments.runs import image_reliance
+from medvqa_lib.experiments.tables import image_reliance
 
 reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())

@@ -436,7 +436,7 @@ vs_prior
 # drops, the model answers from the question alone.
 
 # %%
-from medvqa_lib.experiments.runs import image_reliance
+from medvqa_lib.experiments.tables import image_reliance
 
 reliance = image_reliance([r for r in records if r.label == "CMDPI"], n_resamples=prof.bootstrap_resamples,
                           seed=seed)

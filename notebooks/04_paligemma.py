@@ -293,7 +293,7 @@ print("REPORTED, the paper's Table 2 (with pre-stage): SLAKE accuracy 68/100; PM
 
 # %%
 from medvqa_lib.evaluation import QuestionOnlyPrior, score_predictions
-from medvqa_lib.experiments.runs import seed_mean_scores
+from medvqa_lib.experiments.tables import seed_mean_scores
 
 
 class _Run:  # seed_mean_scores reads .scored

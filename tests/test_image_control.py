@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from medvqa_lib.data.schema import VQASample
-from medvqa_lib.experiments.runs import RunRecord, image_reliance, shuffled_images
+from medvqa_lib.experiments.runs import RunRecord, shuffled_images
+from medvqa_lib.experiments.tables import image_reliance
 
 
 def _sample(i: int, image: str, answer_type: str = "closed") -> VQASample:

@@ -87,7 +87,8 @@ def test_pretrain_on_captions(tiny, tmp_path):
 
 
 def test_seeds_loop_scores_every_test_question_and_tables_mean_std(tiny, tmp_path):
-    from medvqa_lib.experiments.runs import finetune_and_test, seed_table, snapshot
+    from medvqa_lib.experiments.runs import finetune_and_test, snapshot
+    from medvqa_lib.experiments.tables import seed_table
 
     model, tok = tiny
     start = snapshot(model)

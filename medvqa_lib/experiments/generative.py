@@ -25,24 +25,8 @@ from torch.utils.data import Dataset
 from medvqa_lib.data.dataset import CaptionCollator, VQACollator, group_by_image
 from medvqa_lib.data.schema import CaptionSample, VQASample
 from medvqa_lib.evaluation import ensure_splits, score_predictions, summarize
+from medvqa_lib.experiments.images import ImageCache
 from medvqa_lib.training import TrainConfig, Trainer, TrainResult, autocast_context
-
-
-class ImageCache:
-    """Each distinct image decoded once, resized to ``image_size``, kept as uint8."""
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def get(self, sample: VQASample | CaptionSample) -> torch.Tensor:
-        """The ``3 x S x S`` float image of ``sample``, normalised to mean/std 0.5."""
-        key = sample.image_id
-        if key not in self._cache:
-            image = sample.load_image().resize((self.image_size, self.image_size))
-            array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-            self._cache[key] = array.view(self.image_size, self.image_size, 3).permute(2, 0, 1).clone()
-        return self._cache[key].float().div_(127.5).sub_(1.0)
 
 
 class CachedVQADataset(Dataset):

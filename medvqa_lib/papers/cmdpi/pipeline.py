@@ -50,12 +50,8 @@ from medvqa_lib.experiments.generative import (
     ImageCache,
     StageSettings,
 )
-from medvqa_lib.experiments.runs import (
-    RunRecord,
-    compare_to_prior,
-    seed_mean_scores,
-    shuffled_images,
-)
+from medvqa_lib.experiments.runs import RunRecord, shuffled_images
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 from medvqa_lib.papers.cmdpi.model import (
     CMDPI,
     CMDPICollator,

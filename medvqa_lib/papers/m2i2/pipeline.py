@@ -42,7 +42,8 @@ from medvqa_lib.evaluation import (
 )
 from medvqa_lib.experiments.corpus import caption_pairs
 from medvqa_lib.experiments.generative import ImageCache, StageSettings, pretrain
-from medvqa_lib.experiments.runs import RunRecord, compare_to_prior, seed_mean_scores, snapshot
+from medvqa_lib.experiments.runs import RunRecord, snapshot
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 from medvqa_lib.papers.m2i2.model import (
     M2I2,
     M2I2Config,

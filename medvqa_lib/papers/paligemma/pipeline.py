@@ -486,7 +486,7 @@ def saliency_for(vqa: PaliGemmaVQA, image: Any, question: str, *, layer: int = -
 def compare_to_prior(model_scored: Mapping[str, pd.DataFrame], prior_scored: Mapping[str, pd.DataFrame],
                      n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Paired bootstrap of PaliGemma − prior accuracy (percentage points, 95 % interval)."""
-    from medvqa_lib.experiments.runs import compare_to_prior as paired
+    from medvqa_lib.experiments.tables import compare_to_prior as paired
 
     return paired(model_scored, prior_scored, n_resamples=n_resamples, seed=seed, label="PaliGemma")
 
