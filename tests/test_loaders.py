@@ -185,9 +185,8 @@ def test_load_vqa_dispatch_and_available(fake_data_root):
         load_vqa("slake-hub", "test", root=fake_data_root)
 
 
-def test_available_datasets_without_root(monkeypatch):
-    monkeypatch.delenv("MEDVQA_DATA_DIR", raising=False)
-    assert available_datasets() == []
+def test_available_datasets_without_root():
+    assert available_datasets(None) == []
 
 
 def test_unknown_dataset_and_split_list_choices(fake_data_root):
@@ -202,20 +201,31 @@ def test_unknown_dataset_and_split_list_choices(fake_data_root):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_missing_data_root_names_the_variable(monkeypatch, tmp_path):
+def test_missing_data_root_names_the_layout_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("MEDVQA_DATA_DIR", raising=False)
-    with pytest.raises(DataError, match="MEDVQA_DATA_DIR") as err:
+    with pytest.raises(DataError, match="no data folder given: pass root=") as err:
         load_vqa_rad("train")
     assert "vqa_rad/trainset.json" in str(err.value) and "slake/train.json" in str(err.value)
-    monkeypatch.setenv("MEDVQA_DATA_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="nowhere.*MEDVQA_DATA_DIR"):
-        data_root()
+    assert "data_dir" in str(err.value) and "MEDVQA_DATA_DIR" in str(err.value)
+    with pytest.raises(DataError, match="nowhere does not exist"):
+        data_root(tmp_path / "nowhere")
 
 
-def test_data_root_from_environment(monkeypatch, fake_vqa_rad):
+def test_loaders_take_a_path_and_never_read_the_environment(monkeypatch, fake_vqa_rad):
     monkeypatch.setenv("MEDVQA_DATA_DIR", str(fake_vqa_rad))
-    assert data_root() == fake_vqa_rad
-    assert len(load_vqa_rad("test")) == 3
+    assert data_root(fake_vqa_rad) == fake_vqa_rad
+    assert len(load_vqa_rad("test", fake_vqa_rad)) == 3
+    with pytest.raises(DataError, match="no data folder given"):
+        load_vqa_rad("test")  # the variable is setup()'s business, not the loader's
+    assert available_datasets(None) == []
+
+
+@pytest.mark.parametrize("dataset, file", [("vqa-rad", "vqa_rad/testset.json"), ("slake", "slake/test.json")])
+def test_an_empty_split_is_an_error_naming_the_file(fake_data_root, dataset, file):
+    (fake_data_root / file).write_text("[]")
+    with pytest.raises(DataError, match=f"{file}.*holds no records") as err:
+        load_vqa(dataset, "test", root=fake_data_root)
+    assert "Re-download" in str(err.value)
 
 
 def test_missing_dataset_folder(fake_vqa_rad):

@@ -66,3 +66,19 @@ def test_failing_notebook_is_reported_and_run_goes_on(tmp_path):
     run = rp.execute_notebook(src, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"})
     assert not run.ok and "ValueError: boom" in run.error
     assert (tmp_path / "out" / "bad.ipynb").exists()
+
+
+def test_kernels_run_over_ipc_without_the_tcp_warning(tmp_path, capfd):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print('x is', x)")]
+    src = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, src)
+    run = rp.execute_notebook(src, tmp_path / "out" / "tiny.ipynb", {"x": 5})
+    assert run.ok, run.error
+    assert "x is 5" in (tmp_path / "out" / "tiny.ipynb").read_text()
+    assert "without encryption" not in capfd.readouterr().err
+    assert not list(tmp_path.glob("*ipc*"))

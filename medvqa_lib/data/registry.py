@@ -140,8 +140,11 @@ def drop_repeats(
 # ----------------------------------------------------------------------------- JSON files
 
 
-def read_json_list(path: Path, layout: str) -> list[Any]:
-    """A JSON file whose top level is a list, with errors that name the file and the fix."""
+def read_json_list(path: Path, layout: str, allow_empty: bool = False) -> list[Any]:
+    """A JSON file whose top level is a list, with errors that name the file and the fix.
+
+    An empty list is an error (a split of 0 questions) unless ``allow_empty``.
+    """
     if not path.is_file():
         raise DataError(f"file not found: {path}. Expected layout: {layout}")
     try:
@@ -159,7 +162,7 @@ def read_json_list(path: Path, layout: str) -> list[Any]:
             f"{path}: expected a JSON list of records at the top level, got "
             f"{type(data).__name__}; re-download the file."
         )
-    if not data:
+    if not data and not allow_empty:
         raise DataError(
             f"{path} holds no records (an empty JSON list): the split would load 0 questions. "
             "Re-download the file, or remove the dataset's folder to run without it."

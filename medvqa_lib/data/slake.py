@@ -170,7 +170,7 @@ def read_detection(path: Path) -> tuple[list[str], list[list[float]]]:
     """``(labels, boxes)`` from one ``detection.json`` (boxes as ``[x, y, w, h]``)."""
     layout = "<root>/slake/imgs/xmlabN/detection.json: a list of {label: [x, y, w, h]}"
     labels, boxes = [], []
-    for i, entry in enumerate(read_json_list(path, layout)):
+    for i, entry in enumerate(read_json_list(path, layout, allow_empty=True)):
         if not isinstance(entry, dict):
             raise DataError(f"{path}: entry {i} is not a {{label: [x, y, w, h]}} object")
         for label, box in entry.items():
