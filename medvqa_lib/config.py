@@ -199,6 +199,8 @@ class RunContext:
     seed: int
     #: "cuda" or "cpu"
     device: str
+    #: the book checkout the chapter runs in (holding ``notebooks/``), None elsewhere (e.g. Colab)
+    book_root: Path | None = None
 
     @property
     def data_source(self) -> str:

@@ -65,8 +65,8 @@ def setup(profile: str | Profile, seed: int = 0, *, data_dir: str | os.PathLike 
     synthetic_asked = data_dir is not None and root is None
     hub = prof.name == "gpu" and not synthetic_asked and root is None and _hub_reachable()
     real = bool(available_datasets(root)) if root is not None else hub
-    ctx = RunContext(profile=prof, data_root=root, real=real, hub=hub,
-                     out_dir=output_dir(chapter), seed=seed, device=device.type)
+    ctx = RunContext(profile=prof, data_root=root, real=real, hub=hub, out_dir=output_dir(chapter),
+                     seed=seed, device=device.type, book_root=book_root(Path.cwd().resolve()))
     versions = " · ".join(f"{k} {v}" for k, v in package_versions().items())
     print(versions)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU"
@@ -123,8 +123,13 @@ def output_dir(chapter: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _results_root(cwd: Path) -> Path:
+def book_root(cwd: Path) -> Path | None:
+    """The book checkout holding ``cwd`` (a folder with ``_config.yml`` and ``notebooks/``)."""
     for folder in (cwd, *cwd.parents):
         if (folder / "_config.yml").is_file() and (folder / "notebooks").is_dir():
-            return folder / "_build" / "results"
-    return cwd / "_build" / "results"
+            return folder
+    return None
+
+
+def _results_root(cwd: Path) -> Path:
+    return (book_root(cwd) or cwd) / "_build" / "results"

@@ -18,27 +18,18 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from medvqa_lib.config import PROFILES, resolve_data_dir
 from medvqa_lib.errors import ConfigError, unknown_name
+from medvqa_lib.execute import NotebookRun, execute_notebook
 from medvqa_lib.io import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOOK_FILES = ("_config.yml", "references.bib")
-
-
-@dataclass
-class NotebookRun:
-    """The outcome of executing one chapter."""
-
-    notebook: str
-    ok: bool
-    seconds: float
-    error: str = ""
 
 
 def toc_notebooks(root: Path = REPO_ROOT) -> list[Path]:
@@ -70,59 +61,6 @@ def select_notebooks(notebooks: list[Path], only: str | None) -> list[Path]:
     if not chosen:
         raise unknown_name("chapter", only, [nb.stem for nb in notebooks])
     return chosen
-
-
-def hide_injected_parameters(path: Path) -> None:
-    """Tag papermill's injected-parameters cell ``hide-cell`` so the book folds it."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if "injected-parameters" in tags and "hide-cell" not in tags:
-            cell["metadata"]["tags"] = [*tags, "hide-cell"]
-    nbformat.write(nb, path)
-
-
-def ipc_kernel_manager() -> type:
-    """A Jupyter kernel manager that talks to its kernel over local IPC sockets, not TCP.
-
-    The kernel then neither listens on a network port nor prints its warning about running
-    over TCP without encryption.
-    """
-    from jupyter_client.manager import AsyncKernelManager
-    from traitlets import CaselessStrEnum
-
-    class IPCKernelManager(AsyncKernelManager):
-        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
-
-    return IPCKernelManager
-
-
-def execute_notebook(src: Path, dst: Path, parameters: dict, timeout_s: int | None = None) -> NotebookRun:
-    """Run one notebook with papermill; never raises for a failing notebook."""
-    import papermill as pm
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    try:
-        pm.execute_notebook(
-            str(src), str(dst), parameters=parameters, kernel_name="python3",
-            cwd=str(src.parent), progress_bar=False, execution_timeout=timeout_s,
-            kernel_manager_class=ipc_kernel_manager(),
-        )
-        ok, error = True, ""
-    except Exception as exc:  # a failing chapter is reported, the run goes on
-        ok, error = False, _short_error(exc)
-    if dst.exists():
-        hide_injected_parameters(dst)
-    return NotebookRun(src.name, ok, time.perf_counter() - start, error)
-
-
-def _short_error(exc: Exception) -> str:
-    name = getattr(exc, "ename", type(exc).__name__)
-    value = getattr(exc, "evalue", str(exc))
-    return f"{name}: {value}"[:500]
 
 
 def stage_book(executed: dict[Path, Path], root: Path, stage: Path) -> Path:

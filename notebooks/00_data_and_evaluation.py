@@ -43,10 +43,12 @@ image_size = None
 bootstrap_resamples = None
 
 # %%
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
-prof = setup(profile, seed, synthetic_images=synthetic_images, image_size=image_size,
-             bootstrap_resamples=bootstrap_resamples)
+ctx = setup(profile, seed, data_dir=data_dir, chapter="data_and_evaluation",
+            synthetic_images=synthetic_images, image_size=image_size,
+            bootstrap_resamples=bootstrap_resamples)
+prof = ctx.profile
 
 # %%
 import pandas as pd
@@ -58,8 +60,8 @@ from medvqa_lib.data.suite import load_suite
 from medvqa_lib.io import atomic_write_text
 
 plots.use_book_style()
-out = output_dir("data_and_evaluation")
-suite = load_suite(prof, data_dir, seed=seed)
+out = ctx.out_dir
+suite = load_suite(prof, ctx.data_root, hub=ctx.hub, seed=seed)
 print("datasets:", ", ".join(suite))
 
 # %% [markdown]
@@ -91,10 +93,9 @@ table
 # What the loaders removed so that nothing trains on a test question (real data only):
 
 # %%
-from medvqa_lib.config import resolve_data_dir
 from medvqa_lib.data import slake_report, vqa_rad_report
 
-root = resolve_data_dir(data_dir)
+root = ctx.data_root
 if root is not None and "vqa-rad" in suite:
     display(pd.Series(vqa_rad_report(root), name="VQA-RAD").to_frame())
 if root is not None and "slake" in suite:

@@ -41,8 +41,9 @@ if "google.colab" in sys.modules:
                    check=True)
 
 # %% tags=["parameters", "hide-cell"]
-# Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.papers.comparison.study.study_plan).
+# Parameters (papermill overrides these). None keeps the plan's value
+# (medvqa_lib.papers.comparison.study, PLANS); `overrides` sets any other field of the plan,
+# e.g. {"efficiency_pairs": 400, "efficiency_train": 800, "throughput_steps": 5}.
 profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop: ~15 min of its own, plus missing chapters), "gpu"
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR
 seed = 0
@@ -50,50 +51,37 @@ methods = None  # e.g. ["MISS", "CMDPI"] (None: all four)
 run_missing = None  # execute a paper chapter whose stored runs are missing (None: the plan's, True)
 hardest_k = None  # questions in the error-analysis list (20)
 min_group = None  # smallest question type / organ group in the heat map
-efficiency_fractions = None  # shares of each pre-training corpus, e.g. [0.0, 0.5, 1.0]
-efficiency_pairs = None  # caption pairs in the full pre-training corpus of the data-efficiency runs
-efficiency_pretrain_epochs = None
-efficiency_finetune_epochs = None
-efficiency_train = None  # training questions of each data-efficiency run
-efficiency_val = None  # validation questions (checkpoint selection)
-efficiency_test = None  # test questions
 measure_efficiency = True  # the data-efficiency runs (the longest part of the chapter)
-throughput_steps = None  # timed optimizer steps per method
-throughput_batch = None  # questions per step
-throughput_answers = None  # questions answered for answers/s
+efficiency_fractions = None  # shares of each pre-training corpus, e.g. [0.0, 0.5, 1.0]
+efficiency_train = None  # training questions of each data-efficiency run
 bootstrap_resamples = None
+overrides = {}  # any other field of the comparison plan
 
 # %%
 import time
 
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
 chapter_start = time.perf_counter()
-prof = setup(profile, seed, bootstrap_resamples=bootstrap_resamples)
+ctx = setup(profile, seed, data_dir=data_dir, chapter="comparison", bootstrap_resamples=bootstrap_resamples)
+prof = ctx.profile
 
 # %%
 import pandas as pd
 from IPython.display import Markdown, display
 
 from medvqa_lib import plots
-from medvqa_lib.data.suite import load_suite
+from medvqa_lib.data.suite import chapter_suite
 from medvqa_lib.io import atomic_write_text
 from medvqa_lib.papers.comparison import study as cs
+from medvqa_lib.papers.comparison.config import study_plan
 
 plots.use_book_style()
-out = output_dir("comparison")
-plan = cs.study_plan(prof, methods=methods, run_missing=run_missing, hardest_k=hardest_k, min_group=min_group,
-                     efficiency_fractions=efficiency_fractions, efficiency_pairs=efficiency_pairs,
-                     efficiency_pretrain_epochs=efficiency_pretrain_epochs,
-                     efficiency_finetune_epochs=efficiency_finetune_epochs, efficiency_train=efficiency_train,
-                     efficiency_val=efficiency_val, efficiency_test=efficiency_test,
-                     throughput_steps=throughput_steps, throughput_batch=throughput_batch,
-                     throughput_answers=throughput_answers, bootstrap_resamples=bootstrap_resamples)
-
-suite = load_suite(prof, data_dir, synthetic=False, seed=seed, verbose=False)
-real = bool(suite)
-if not real:  # the embedded default: synthetic radiology, as the paper chapters use it
-    suite = load_suite(prof, None, synthetic=True, seed=seed, verbose=False)
+out = ctx.out_dir
+plan = study_plan(prof, methods=methods, run_missing=run_missing, hardest_k=hardest_k, min_group=min_group,
+                  efficiency_fractions=efficiency_fractions, efficiency_train=efficiency_train,
+                  bootstrap_resamples=bootstrap_resamples, **overrides)
+suite = chapter_suite(ctx)  # the real data when given, else the synthetic radiology the chapters used
 print("VQA datasets:", ", ".join(f"{k} ({len(v['test'])} test questions)" for k, v in suite.items()))
 
 # %% [markdown]
@@ -107,7 +95,9 @@ print("VQA datasets:", ", ".join(f"{k} ({len(v['test'])} test questions)" for k,
 
 # %%
 results_root = out.parent
-runner = (lambda m: cs.run_chapter(m, prof.name, data_dir, results_root)) if plan.run_missing else None
+notebooks = ctx.book_root / "notebooks" if ctx.book_root else None
+runner = ((lambda m: cs.run_chapter(m, prof.name, ctx.data_root, results_root, notebooks))
+          if plan.run_missing and notebooks else None)
 stored = cs.load_method_runs(results_root, plan.methods, runner=runner)
 runs = pd.concat([cs.prior_runs(suite), stored], ignore_index=True)
 overview = (stored.groupby(["method", "dataset"], sort=False)
@@ -217,7 +207,7 @@ speed.round(3)
 # %%
 from medvqa_lib.papers.comparison.throughput import benchmark_records
 
-recorded = benchmark_records(prof.name)
+recorded = benchmark_records(prof.name, ctx.book_root / "benchmarks" / "results" if ctx.book_root else None)
 if recorded is None:
     print(f"no benchmarks/results/method_throughput_{prof.name}.csv here: "
           f"python benchmarks/method_throughput.py --profile {prof.name} writes it")
@@ -259,7 +249,7 @@ if measure_efficiency:
     print(f"on {efficiency_dataset(suite)}; expected on 2 cores (cpu profile speeds): "
           f"{estimate_seconds(plan)['total'] / 60:.1f} min")
     t0 = time.perf_counter()
-    efficiency = run_efficiency(prof, plan, suite, out / "efficiency", seed, data_dir if real else None)
+    efficiency = run_efficiency(prof, plan, suite, out / "efficiency", seed, ctx.data_root, hub=ctx.hub)
     efficiency_s = time.perf_counter() - t0
     atomic_write_text(out / "data_efficiency.csv", efficiency.to_csv(index=False))
     fig = efficiency_figure(efficiency, title=f"Accuracy vs pre-training data ({efficiency_dataset(suite)}, "
@@ -305,7 +295,7 @@ with pd.option_context("display.max_colwidth", 60):
 from medvqa_lib.evaluation import format_mean_std
 
 chapter_min = (time.perf_counter() - chapter_start) / 60
-lines = [f"**{prof.name} profile**, {', '.join(suite)}{'' if real else ' (synthetic stand-in)'}; "
+lines = [f"**{prof.name} profile**, {', '.join(suite)}{'' if ctx.real else ' (synthetic stand-in)'}; "
          f"whole chapter {chapter_min:.1f} min (reading the stored runs, bootstrap, benchmark"
          + (f", data efficiency {efficiency_s / 60:.1f} min" if measure_efficiency else "") + ")."]
 for (dataset, subset), g in table.groupby(level=[0, 1], sort=False):

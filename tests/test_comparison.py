@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from medvqa_lib.config import get_profile
-from medvqa_lib.errors import DataError
-from medvqa_lib.papers.comparison import study as cs
+from medvqa_lib.errors import ConfigError, DataError
 from medvqa_lib.experiments.run_store import save_runs
+from medvqa_lib.papers.comparison import config as cc
+from medvqa_lib.papers.comparison import study as cs
 
 
 def _rows(method: str, dataset: str, seed: int, correct: dict[str, bool], types: dict[str, str] | None = None,
@@ -70,7 +71,7 @@ def test_readable_table_and_reported_difference(runs):
 
 
 def test_builtin_reported_numbers_are_labelled():
-    assert set(cs.REPORTED["method"]) == set(cs.METHODS)
+    assert set(cs.REPORTED["method"]) == set(cc.METHODS)
     assert cs.REPORTED["source"].str.contains("paper").all()
     m2i2 = cs.REPORTED[(cs.REPORTED["method"] == "M2I2") & (cs.REPORTED["test set"] == "free")]
     assert m2i2["overall"].tolist() == [73.7]
@@ -186,22 +187,23 @@ def test_load_method_runs_calls_the_runner_for_a_missing_file(tmp_path, runs):
 
 
 def test_plan_checks_its_knobs():
-    plan = cs.study_plan(get_profile("smoke"))
-    assert plan.methods == cs.METHODS and len(plan.efficiency_fractions) >= 3
-    assert cs.study_plan(get_profile("cpu"), efficiency_train=10).efficiency_train == 10
+    plan = cc.study_plan(get_profile("smoke"))
+    assert plan.methods == cc.METHODS and len(plan.efficiency_fractions) >= 3
+    assert cc.study_plan(get_profile("cpu"), efficiency_train=10).efficiency_train == 10
     with pytest.raises(KeyError, match="unknown method"):
-        cs.study_plan(get_profile("smoke"), methods=["MISS", "BLIP"])
-    with pytest.raises(ValueError, match="unknown comparison parameter"):
-        cs.study_plan(get_profile("smoke"), epochs=3)
-    with pytest.raises(ValueError, match="efficiency_fractions"):
-        cs.study_plan(get_profile("smoke"), efficiency_fractions=[0.0, 1.0])
+        cc.study_plan(get_profile("smoke"), methods=["MISS", "BLIP"])
+    with pytest.raises(ConfigError, match="unknown comparison parameter.*valid ones are.*efficiency_train"):
+        cc.study_plan(get_profile("smoke"), epochs=3)
+    assert cc.study_plan("cpu", hardest_k=None).hardest_k == cc.PLANS["cpu"]["hardest_k"]  # None: the plan's
+    with pytest.raises(ConfigError, match="efficiency_fractions"):
+        cc.study_plan(get_profile("smoke"), efficiency_fractions=[0.0, 1.0])
 
 
 def test_efficiency_estimate_fits_the_cpu_budget():
     from medvqa_lib.papers.comparison.efficiency import estimate_seconds
 
-    est = estimate_seconds(cs.study_plan(get_profile("cpu")))
-    assert set(est) == {*cs.METHODS, "total"} and 0 < est["total"] <= 15 * 60
+    est = estimate_seconds(cc.study_plan(get_profile("cpu")))
+    assert set(est) == {*cc.METHODS, "total"} and 0 < est["total"] <= 15 * 60
 
 
 def test_throughput_on_the_smoke_model():

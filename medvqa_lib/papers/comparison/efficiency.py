@@ -32,7 +32,7 @@ from medvqa_lib.data.suite import cap
 from medvqa_lib.evaluation import score_predictions, summarize
 from medvqa_lib.io import atomic_write_json
 from medvqa_lib.papers.cmdpi.pipeline import CPU_SECONDS_PER_1000 as CMDPI_SECONDS
-from medvqa_lib.papers.comparison.study import ComparisonPlan
+from medvqa_lib.papers.comparison.config import ComparisonPlan
 from medvqa_lib.papers.m2i2.pipeline import CPU_SPEEDS as M2I2_SPEEDS
 from medvqa_lib.training import seed_everything
 

@@ -18,12 +18,9 @@ Data efficiency (accuracy against the amount of pre-training data) lives in
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,94 +35,14 @@ from medvqa_lib.evaluation import (
     score_predictions,
 )
 from medvqa_lib.experiments.run_store import load_runs
+from medvqa_lib.papers.comparison.config import CHAPTERS, METHODS, PRIOR
 
-__all__ = ["METHODS", "PRIOR", "CHAPTERS", "REPORTED", "ComparisonPlan", "study_plan", "runs_path",
+__all__ = ["REPORTED", "runs_path",
            "load_method_runs", "run_chapter", "prior_runs", "test_sets", "seed_scores", "main_table",
            "readable_table", "reported_table", "question_means", "pairwise_bootstrap", "group_accuracy",
            "heatmap_figure", "hardest_questions", "hardest_figure", "cost_table"]
 
-#: the methods of the book, in chapter order (their ``method`` column in the stored runs)
-METHODS: tuple[str, ...] = ("MISS", "M2I2", "CMDPI", "PaliGemma-LoRA")
-#: the label of the question-only baseline
-PRIOR = "question-type prior"
-#: method → (results folder of its chapter, notebook stem)
-CHAPTERS: dict[str, tuple[str, str]] = {
-    "MISS": ("miss", "01_miss"), "M2I2": ("m2i2", "02_m2i2"), "CMDPI": ("cmdpi", "03_cmdpi"),
-    "PaliGemma-LoRA": ("paligemma", "04_paligemma"),
-}
 _METRICS = ("closed", "open", "open_recall", "overall")
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-@dataclass
-class ComparisonPlan:
-    """Every size knob of the chapter (each one a chapter parameter)."""
-
-    methods: tuple[str, ...]
-    bootstrap_resamples: int
-    #: questions in the error-analysis list
-    hardest_k: int = 20
-    #: smallest group (question type / organ) shown in the heat map
-    min_group: int = 5
-    #: data efficiency: shares of each method's pre-training corpus (0: no pre-training)
-    efficiency_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
-    #: caption pairs (and pre-training questions for CMDPI) in the full corpus
-    efficiency_pairs: int = 300
-    efficiency_pretrain_epochs: int = 1
-    efficiency_finetune_epochs: int = 2
-    #: training / validation / test questions of each data-efficiency run
-    efficiency_train: int = 300
-    efficiency_val: int = 64
-    efficiency_test: int = 200
-    #: throughput: optimizer steps timed, questions per step, questions answered
-    throughput_steps: int = 3
-    throughput_batch: int = 16
-    throughput_answers: int = 32
-    #: execute a paper chapter whose stored runs are missing (else: an error that says which)
-    run_missing: bool = True
-
-
-_PLANS: dict[str, dict[str, Any]] = {
-    "smoke": dict(hardest_k=20, min_group=1, efficiency_fractions=(0.0, 0.5, 1.0), efficiency_pairs=8,
-                  efficiency_pretrain_epochs=1, efficiency_finetune_epochs=1, efficiency_train=16,
-                  efficiency_val=4, efficiency_test=8, throughput_steps=1, throughput_batch=4,
-                  throughput_answers=4),
-    # sized from the chapters' measured 2-core speeds (see comparison_efficiency.estimate_seconds):
-    # about 12 minutes for the four methods x three amounts. Fewer fine-tuning steps (300
-    # questions x 2 epochs) left the generative models answering one answer per answer type.
-    "cpu": dict(hardest_k=20, min_group=5, efficiency_fractions=(0.0, 0.5, 1.0), efficiency_pairs=300,
-                efficiency_pretrain_epochs=1, efficiency_finetune_epochs=3, efficiency_train=800,
-                efficiency_val=128, efficiency_test=300, throughput_steps=3, throughput_batch=16,
-                throughput_answers=32),
-    "gpu": dict(hardest_k=20, min_group=10, efficiency_fractions=(0.0, 0.25, 0.5, 1.0),
-                efficiency_pairs=20_000, efficiency_pretrain_epochs=5, efficiency_finetune_epochs=10,
-                efficiency_train=5_000, efficiency_val=256, efficiency_test=1_000, throughput_steps=10,
-                throughput_batch=32, throughput_answers=128),
-}
-
-
-def study_plan(profile: Any, **overrides: Any) -> ComparisonPlan:
-    """The plan of ``profile`` (``smoke``/``cpu``/``gpu``); ``overrides`` are
-    :class:`ComparisonPlan` fields (``None`` keeps the plan's value)."""
-    name = getattr(profile, "name", profile)
-    if name not in _PLANS:
-        raise unknown_name("comparison profile", name, _PLANS)
-    plan: dict[str, Any] = dict(_PLANS[name], methods=METHODS,
-                                bootstrap_resamples=getattr(profile, "bootstrap_resamples", 1000))
-    fields = {f.name for f in dataclasses.fields(ComparisonPlan)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ValueError(f"unknown comparison parameter(s) {bad}; valid ones are {sorted(fields)}")
-    plan.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
-    for m in plan["methods"]:
-        if m not in METHODS:
-            raise unknown_name("method", m, METHODS)
-    fractions = plan["efficiency_fractions"]
-    if len(fractions) < 3 or list(fractions) != sorted(set(fractions)) or not all(0 <= f <= 1 for f in fractions):
-        raise ValueError(f"efficiency_fractions must be >= 3 increasing shares in [0, 1], got {fractions}")
-    return ComparisonPlan(**plan)
 
 
 # ----------------------------------------------------------------------------- stored runs
@@ -138,29 +55,23 @@ def runs_path(results_root: str | Path, method: str) -> Path:
     return Path(results_root) / CHAPTERS[method][0] / "main_runs.csv"
 
 
-def run_chapter(method: str, profile: str, data_dir: str | None, results_root: str | Path,
-                timeout_s: int | None = None) -> Path:
-    """Execute ``method``'s chapter with papermill (same profile and data) so that it writes its
-    stored runs under ``results_root``; returns the path of the stored runs."""
-    from medvqa_lib.reproduce import REPO_ROOT, execute_notebook
+def run_chapter(method: str, profile: str, data_root: Path | None, results_root: str | Path,
+                notebooks: Path, timeout_s: int | None = None) -> Path:
+    """Execute ``method``'s chapter from the folder ``notebooks`` with papermill (same profile
+    and data) so that it writes its stored runs under ``results_root``; returns their path."""
+    from medvqa_lib.execute import execute_notebook
 
     stem = CHAPTERS[method][1]
-    src = REPO_ROOT / "notebooks" / f"{stem}.ipynb"
+    src = Path(notebooks) / f"{stem}.ipynb"
     if not src.is_file():
-        raise DataError(f"{runs_path(results_root, method)} is missing and the chapter {stem} is not "
+        raise DataError(f"{runs_path(results_root, method)} is missing and the chapter {src} is not "
                         f"here to run; run it first (python -m medvqa_lib reproduce --only {stem})")
-    dst = REPO_ROOT / "_build" / "executed" / "notebooks" / f"{stem}.ipynb"
-    saved = os.environ.get("MEDVQA_OUTPUT_DIR")
-    os.environ["MEDVQA_OUTPUT_DIR"] = str(results_root)
-    try:
-        print(f"{method}: no stored runs at {runs_path(results_root, method)}; executing {stem} "
-              f"(profile={profile}, data={data_dir or 'synthetic'}) — this takes as long as that chapter")
-        run = execute_notebook(src, dst, {"profile": profile, "data_dir": data_dir or "synthetic"}, timeout_s)
-    finally:
-        if saved is None:
-            os.environ.pop("MEDVQA_OUTPUT_DIR", None)
-        else:
-            os.environ["MEDVQA_OUTPUT_DIR"] = saved
+    dst = Path(results_root).parent.parent / "executed" / "notebooks" / f"{stem}.ipynb"
+    data = str(data_root) if data_root is not None else "synthetic"
+    print(f"{method}: no stored runs at {runs_path(results_root, method)}; executing {stem} "
+          f"(profile={profile}, data={data}) — this takes as long as that chapter")
+    run = execute_notebook(src, dst, {"profile": profile, "data_dir": data}, timeout_s,
+                           env={"MEDVQA_OUTPUT_DIR": str(results_root)})
     if not run.ok:
         raise DataError(f"executing {stem} failed ({run.error}); see {dst}")
     return runs_path(results_root, method)

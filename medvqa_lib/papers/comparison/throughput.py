@@ -272,14 +272,12 @@ def throughput_table(methods: Sequence[str], profile: str | Profile, *, on_error
     return pd.DataFrame(rows)
 
 
-def benchmark_records(profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
-    """The latest row per (method, device) of ``benchmarks/results/method_throughput_<profile>.csv``
-    (written by ``benchmarks/method_throughput.py``), or ``None`` where the file is absent (e.g.
-    outside a checkout of the book)."""
+def benchmark_records(profile: str, root: str | Path | None) -> pd.DataFrame | None:
+    """The latest row per (method, device) of ``<root>/method_throughput_<profile>.csv`` (written
+    by ``benchmarks/method_throughput.py`` into ``benchmarks/results``), or ``None`` where the
+    file is absent or ``root`` is None (outside a checkout of the book)."""
     if root is None:
-        from medvqa_lib.reproduce import REPO_ROOT
-
-        root = REPO_ROOT / "benchmarks" / "results"
+        return None
     path = Path(root) / f"method_throughput_{profile}.csv"
     if not path.is_file():
         return None
