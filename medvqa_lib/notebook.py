@@ -50,6 +50,8 @@ def setup(profile: str | Profile, seed: int = 0, *, data_dir: str | os.PathLike 
 
     from medvqa_lib.data.registry import available_datasets
     from medvqa_lib.training import keep_freed_memory, pick_device, seed_everything
+    from medvqa_lib.training.device import cpu_has_native_bf16
+    from medvqa_lib.training.loop import set_progress
 
     fields = {**(overrides or {}), **profile_fields}
     prof = get_profile(profile, **fields)
@@ -60,6 +62,8 @@ def setup(profile: str | Profile, seed: int = 0, *, data_dir: str | os.PathLike 
         quiet_progress = os.environ.get("MEDVQA_PROGRESS", "1") == "0"
     if quiet_progress:
         os.environ["TQDM_DISABLE"] = "1"
+    set_progress(not quiet_progress)
+    cpu_has_native_bf16()  # reads $MEDVQA_CPU_BF16 once, here
     device = pick_device("auto")
     root = resolve_data_dir(data_dir)
     synthetic_asked = data_dir is not None and root is None

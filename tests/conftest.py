@@ -194,3 +194,13 @@ def real_data_root() -> Path:
             and (root / "slake" / "train.json").is_file()):
         pytest.skip(REAL_DATA_SKIP)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _progress_default_per_test():
+    """A chapter's ``setup`` sets the progress-bar default for the process; tests start unset."""
+    from medvqa_lib.training.loop import set_progress
+
+    set_progress(None)
+    yield
+    set_progress(None)

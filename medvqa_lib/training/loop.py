@@ -303,9 +303,22 @@ class _Meter:
         self.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state["sums"].items()}
 
 
+#: progress bars by default: set once by a chapter's ``setup`` (:func:`set_progress`); None
+#: (library use outside a chapter) falls back to ``$MEDVQA_PROGRESS`` / ``$TQDM_DISABLE``
+_PROGRESS: bool | None = None
+
+
+def set_progress(on: bool | None) -> None:
+    """Show (True) or hide (False) training progress bars from now on."""
+    global _PROGRESS
+    _PROGRESS = on
+
+
 def _progress_on(flag: bool | None) -> bool:
     if flag is not None:
         return flag
+    if _PROGRESS is not None:
+        return _PROGRESS
     off = os.environ.get("MEDVQA_PROGRESS") == "0"
     return not off and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
 
