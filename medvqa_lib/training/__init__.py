@@ -20,14 +20,9 @@ from medvqa_lib.training.device import (
     resolve_precision,
     setup_distributed,
 )
-from medvqa_lib.training.loop import (
-    SCHEDULES,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    default_param_groups,
-)
+from medvqa_lib.training.loop import Trainer, default_param_groups
 from medvqa_lib.training.seed import rng_state, seed_everything, set_rng_state
+from medvqa_lib.training.settings import SCHEDULES, TrainConfig, TrainResult
 
 __all__ = [
     "SCHEDULES",
