@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import record  # noqa: E402
 
-from medvqa_lib.papers.comparison.study import METHODS  # noqa: E402
+from medvqa_lib.papers.comparison.config import METHODS  # noqa: E402
 from medvqa_lib.papers.comparison.throughput import method_throughput  # noqa: E402
 
 

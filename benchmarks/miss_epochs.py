@@ -25,9 +25,11 @@ from _record import record  # noqa: E402
 from medvqa_lib.config import get_profile  # noqa: E402
 from medvqa_lib.data.registry import load_vqa  # noqa: E402
 from medvqa_lib.evaluation import QuestionOnlyPrior, score_predictions, summarize  # noqa: E402
+from medvqa_lib.experiments.images import ImageCache  # noqa: E402
 from medvqa_lib.experiments.runs import finetune_and_test  # noqa: E402
-from medvqa_lib.experiments.generative import ImageCache  # noqa: E402
-from medvqa_lib.papers.miss.pipeline import compare_to_prior, finetune_factory, study_plan  # noqa: E402
+from medvqa_lib.experiments.tables import compare_to_prior  # noqa: E402
+from medvqa_lib.papers.miss.config import study_plan  # noqa: E402
+from medvqa_lib.papers.miss.pipeline import finetune_factory  # noqa: E402
 from medvqa_lib.text import select_text_backbone  # noqa: E402
 from medvqa_lib.training import keep_freed_memory  # noqa: E402
 
