@@ -29,7 +29,8 @@
 #    dictionary, asks a language model for several phrasings of each attribute, and samples a new
 #    caption from the dictionary every time the image is seen.
 #
-# This chapter builds the model from the library (`medvqa_lib.papers.miss.model`), pre-trains it with
+# This chapter builds the model from the library (`medvqa_lib.papers.miss`: the model in
+# `model.py`, its objectives in `losses.py`, every profile-dependent size in `config.py`), pre-trains it with
 # its three objectives, fine-tunes it on VQA-RAD and SLAKE (or the built-in synthetic data), and
 # regenerates the paper's Tables 1–3 and Figure 5, next to the question-only prior of the
 # {doc}`data chapter <00_data_and_evaluation>`. Every number below comes from this run; the
@@ -46,35 +47,32 @@ if "google.colab" in sys.modules:
                    check=True)
 
 # %% tags=["parameters", "hide-cell"]
-# Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.papers.miss.pipeline.study_plan).
+# Parameters (papermill overrides these). None keeps the plan's value for the profile
+# (medvqa_lib.papers.miss.config.PLANS, applied by study_plan).
 profile = "gpu"  # "smoke" (CI), "cpu" (laptop, ~20 min), "gpu" (the paper's schedule)
 data_dir = None  # folder with vqa_rad/ and slake/ (and roco/); None → $MEDVQA_DATA_DIR
 seed = 0
-seeds = None  # fine-tuning seeds of Tables 1-2, e.g. [0, 1, 2] (None: the profile's plan)
+seeds = None  # fine-tuning seeds of Tables 1-2, e.g. [0, 1, 2]
 image_size = None  # pre-training image size (the paper: 224; fine-tuning 480 on gpu)
-vision_depth = None  # ViT layers
-text_depth = None  # JTM/decoder layers taken from the text backbone (None: all)
 decoder_objective = "mlm"  # "mlm": the paper's Eq. 5; "lm": causal LM, as the public code
 pretrain_epochs = None
 finetune_epochs = None  # dict per dataset, e.g. {"vqa-rad": 3, "slake": 2}
-ablation_epochs = None  # fine-tuning epochs of each Table 3 run
-pretrain_lr = None
 finetune_lr = None
-batch_size = None  # fine-tuning questions per batch
 pairs = None  # image-caption pairs in the pre-training corpus
 transcap_fractions = None  # shares of the TransCap pool, increasing, e.g. [0.33, 0.67, 1.0]
 caption_backend = "rule"  # "rule" (offline), "hf:<model>", "openai:<model>@<url>"
 num_beams = 3  # the paper's code: beam search, 3 beams, at most 10 new tokens
-max_new_tokens = 10
 untie_decoder = None  # True: a separate answer decoder for VQA, as the public code
 run_ablations = True
 bootstrap_resamples = None
+# anything else of the study, e.g. {"model": {"vision_depth": 4, "text_depth": 3},
+# "pretrain": {"lr": 5e-5}, "finetune": {"batch_size": 32, "max_new_tokens": 10}, "ablation_epochs": 1}
+overrides = {}
 
 # %%
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
-prof = setup(profile, seed, bootstrap_resamples=bootstrap_resamples)
+ctx = setup(profile, seed, data_dir=data_dir, chapter="miss", bootstrap_resamples=bootstrap_resamples)
 
 # %%
 import json
@@ -83,33 +81,24 @@ import pandas as pd
 from IPython.display import display
 
 from medvqa_lib import plots
-from medvqa_lib.data.suite import load_suite
+from medvqa_lib.data.suite import chapter_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.papers.miss.pipeline import study_plan
+from medvqa_lib.notebook import show_code
+from medvqa_lib.papers.miss import losses
+from medvqa_lib.papers.miss.config import study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
-out = output_dir("miss")
-model_overrides = {k: v for k, v in dict(image_size=image_size, vision_depth=vision_depth,
-                                         text_depth=text_depth, decoder_objective=decoder_objective).items()
-                   if v is not None}
-stage = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
 study = study_plan(
-    prof, out / "runs", model=model_overrides,
-    pretrain=stage(epochs=pretrain_epochs, lr=pretrain_lr),
-    finetune=stage(lr=finetune_lr, batch_size=batch_size, num_beams=num_beams,
-                   max_new_tokens=max_new_tokens),
-    **stage(finetune_epochs=finetune_epochs, pairs=pairs, ablation_epochs=ablation_epochs,
-            untie_decoder=untie_decoder,
-            seeds=None if seeds is None else tuple(seeds),
-            transcap_fractions=None if transcap_fractions is None else tuple(transcap_fractions)))
+    ctx.profile, ctx.out_dir / "runs", overrides,
+    model=dict(image_size=image_size, decoder_objective=decoder_objective),
+    pretrain=dict(epochs=pretrain_epochs), finetune=dict(lr=finetune_lr, num_beams=num_beams),
+    seeds=seeds, finetune_epochs=finetune_epochs, pairs=pairs, transcap_fractions=transcap_fractions,
+    untie_decoder=untie_decoder)
 backbone = select_text_backbone(study.model.text_backbone)
 tokenizer = backbone.tokenizer
 
-suite = load_suite(prof, data_dir, synthetic=False, seed=seed, verbose=False)
-real = bool(suite)
-if not real:  # the embedded default: synthetic radiology
-    suite = load_suite(prof, None, synthetic=True, seed=seed, verbose=False)
+suite = chapter_suite(ctx)
 ablation_set = study.ablation_dataset if study.ablation_dataset in suite else next(iter(suite))
 print("VQA datasets:", ", ".join(f"{k} ({len(v['train'])} train / {len(v['val'])} val / "
                                  f"{len(v['test'])} test)" for k, v in suite.items()))
@@ -122,18 +111,40 @@ print("ablations on:", ablation_set)
 # JTM encoder reads text $T$; in **text mode** it skips cross-attention and gives $t_{cls}$, in
 # **multimodal mode** every layer runs self-attention → cross-attention to $V$ → feed-forward.
 # The **decoder** is the same stack with causal self-attention; as in BLIP it shares every
-# weight with the encoder except self-attention. For VQA the question is encoded in multimodal
-# mode and the decoder generates the answer while attending to the question's states (Eq. 1 of
-# the paper):
+# weight with the encoder except self-attention. In each multimodal layer the text states
+# $W$ query the image states through cross-attention (Eq. 1 of the paper),
 #
-# $$Q_{enc} = \mathrm{JTM}(Q, V), \qquad p(A\mid Q, I) = \prod_{t} p\big(a_t \mid a_{<t}, Q_{enc}\big).$$
+# $$\mathrm{CrossAttention}(Q, K, V) = \mathrm{softmax}\Big(\frac{QK^\top}{\sqrt d} + B\Big)V,
+# \qquad Q = W W_q,\; K = V_{img} W_k,\; V = V_{img} W_v,$$
+#
+# with $B$ the additive mask ($-\infty$ on padding). The library's attention block (shared by
+# every model of the book) computes it; `self.q` and `self.kv` are the projections:
+
+# %%
+from medvqa_lib.nn import Attention
+
+show_code(Attention.forward)
+
+# %% [markdown]
+# For VQA (Sec. 3.5) the question is encoded in multimodal mode and the decoder generates the
+# answer while attending to the question's states; fine-tuning minimises the answer's
+# language-modelling loss $\mathcal{L}_{LM}$:
+#
+# $$Q_{enc} = \mathrm{JTM}(Q, V), \qquad p(A\mid Q, I) = \prod_{t} p\big(a_t \mid a_{<t}, Q_{enc}\big),
+# \qquad \mathcal{L}_{LM} = -\log p(A \mid Q, I).$$
 #
 # The baseline *w/o JTM* is ALBEF's layout: the first half of the layers is a text encoder, the
 # second half (with cross-attention) a multimodal encoder.
 
 # %%
-from medvqa_lib.papers.miss.model import build_miss
+from medvqa_lib.papers.miss.model import MISS, build_miss
 
+show_code(MISS.encode_question, MISS.forward_vqa, losses.lm_loss)
+
+# %% [markdown]
+# The model at this profile's size:
+
+# %%
 probe = build_miss(study.model, backbone)
 n_params = sum(p.numel() for p in probe.parameters())
 n_train = sum(p.numel() for n, p in probe.named_parameters() if p.requires_grad and not n.endswith("_m"))
@@ -149,6 +160,10 @@ pd.DataFrame({
 # %% [markdown]
 # ## Pre-training objectives
 #
+# The three losses below are the functions of `medvqa_lib.papers.miss.losses` (and the shared
+# `medvqa_lib.nn.itc_loss`), shown under their equations; `MISS.forward_pretrain` calls them and
+# sums them.
+#
 # **Image–text contrast (ITC, Eqs. 2–3).** With momentum encoders (an exponential moving average
 # of the online weights, momentum 0.995) whose features also fill queues of earlier batches, the
 # similarity $s(I,T) = g_v(v_{cls})^\top g'_t(t'_{cls})/\tau$ gives softmax-normalised
@@ -158,20 +173,40 @@ pd.DataFrame({
 #
 # where $y$ is one-hot on the paired item (captions of the same image count as positives).
 # The temperature $\tau$ is learned (initial 0.07).
-#
+
+# %%
+from medvqa_lib.nn import itc_loss
+
+show_code(itc_loss, losses.itc_targets)
+
+# %% [markdown]
 # **Image–text matching (ITM, Eq. 4).** A binary head on the multimodal [ENC] state decides
-# whether image and text belong together; each image gets a *hard* negative text and each text
-# a hard negative image, drawn in the batch with probability growing with their ITC similarity
-# (never the positive itself).
+# whether image and text belong together,
 #
+# $$\mathcal{L}_{itm} = \mathbb{E}\, H(L, P_{IT});$$
+#
+# each image gets a *hard* negative text and each text a hard negative image, drawn in the batch
+# with probability growing with their ITC similarity (never the positive itself).
+
+# %%
+show_code(losses.itm_loss)
+
+# %% [markdown]
 # **Masked language modelling (Eq. 5).** 15 % of the caption's tokens are selected; 80 % of those
 # become [MASK], 10 % a random token, 10 % stay. The decoder, attending to the image, predicts
 # the selected tokens:
 #
 # $$\mathcal{L}_{mlm} = -\,\mathbb{E}\sum_{t \in \mathcal{M}} \log p\big(w_t \mid \tilde T, V\big).$$
 #
-# The total loss is $\mathcal{L}_{itc} + \mathcal{L}_{itm} + \mathcal{L}_{mlm}$. Each term is a
-# tested function of the library (`tests/test_miss.py`, `tests/test_blocks.py`).
+# The total loss is $\mathcal{L}_{itc} + \mathcal{L}_{itm} + \mathcal{L}_{mlm}$ (with
+# `decoder_objective="lm"`, $\mathcal{L}_{LM}$ of the unmasked caption replaces
+# $\mathcal{L}_{mlm}$). Each term is a tested function of the library (`tests/test_miss_losses.py`,
+# `tests/test_miss.py`, `tests/test_blocks.py`).
+
+# %%
+from medvqa_lib.nn import mask_tokens
+
+show_code(mask_tokens, losses.mlm_loss)
 
 # %% [markdown]
 # ## TransCap: captions from labelled images
@@ -183,14 +218,15 @@ pd.DataFrame({
 # contradicts the dictionary. Below, the paper's Figure 3 for this pool.
 
 # %%
-from medvqa_lib.papers.miss.pipeline import caption_pairs, subset, transcap_pool
+from medvqa_lib.experiments.corpus import caption_pairs, subset
+from medvqa_lib.papers.miss.pipeline import transcap_pool
 from medvqa_lib.transcap import TransCapCaptions, examples_table
 
-pool, pool_source = transcap_pool(prof, suite if real else {}, data_dir, seed)
-transcap = TransCapCaptions(pool, backend=caption_backend, seed=seed)
+pool, pool_source = transcap_pool(ctx.profile, suite if ctx.real else {}, ctx.data_root, ctx.seed)
+transcap = TransCapCaptions(pool, backend=caption_backend, seed=ctx.seed)
 print(f"TransCap pool: {len(pool)} images from {pool_source}; backend: {caption_backend}")
-fig3 = examples_table(pool, k=4, backend=caption_backend, seed=seed)
-atomic_write_text(out / "transcap_examples.csv", fig3.to_csv(index=False))
+fig3 = examples_table(pool, k=4, backend=caption_backend, seed=ctx.seed)
+atomic_write_text(ctx.out_dir / "transcap_examples.csv", fig3.to_csv(index=False))
 with pd.option_context("display.max_colwidth", 200):
     display(fig3)
 
@@ -202,7 +238,7 @@ with pd.option_context("display.max_colwidth", 200):
 for i in range(min(len(transcap), 200)):
     transcap[i]
 report = transcap.report.table()
-atomic_write_text(out / "transcap_report.csv", report.to_csv(index=False))
+atomic_write_text(ctx.out_dir / "transcap_report.csv", report.to_csv(index=False))
 print(f"captions dropped by the checker so far: {transcap.report.dropped_total}")
 report
 
@@ -219,7 +255,7 @@ report
 from medvqa_lib.experiments.generative import CaptionMix, ImageCache
 from medvqa_lib.papers.miss.pipeline import pretrain_variant
 
-pairs_data, pairs_source = caption_pairs(prof, study.pairs, seed, data_dir if real else None)
+pairs_data, pairs_source = caption_pairs(ctx.profile, study.pairs, ctx.seed, ctx.data_root, hub=ctx.hub)
 cache = ImageCache(study.model.image_size)
 fractions = sorted(set(study.transcap_fractions))
 variants = {"w/o TransCap": (study.model, 0.0)}
@@ -232,13 +268,13 @@ full_label = f"JTM + TransCap ({fractions[-1]:.0%})"
 
 pretrained, pre_results, corpus_sizes = {}, {}, {}
 for label, (config, fraction) in variants.items():
-    images = subset(pool, fraction, seed)
-    captions = TransCapCaptions(images, banks=transcap.banks, seed=seed) if images else []
+    images = subset(pool, fraction, ctx.seed)
+    captions = TransCapCaptions(images, banks=transcap.banks, seed=ctx.seed) if images else []
     corpus = CaptionMix(pairs_data, captions)
     corpus_sizes[label] = {"pairs": len(pairs_data), "TransCap images": len(images),
                            "pre-training images": len(corpus)}
     pretrained[label], pre_results[label] = pretrain_variant(label, config, corpus, tokenizer, cache,
-                                                             study.pretrain, backbone, seed=seed)
+                                                             study.pretrain, backbone, seed=ctx.seed)
     print(f"{label:<26} {len(corpus):>6} pairs · {pre_results[label].cost_line()}")
 
 # %% [markdown]
@@ -261,8 +297,8 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 from medvqa_lib.papers.miss.pipeline import finetune_factory, retrieval_recall
 from medvqa_lib.transcap import build_captions
 
-held_pool, _ = transcap_pool(prof, suite if real else {}, data_dir, seed, split="val")
-held_out, _ = build_captions(held_pool[:200], backend=caption_backend, seed=seed + 1)
+held_pool, _ = transcap_pool(ctx.profile, suite if ctx.real else {}, ctx.data_root, ctx.seed, split="val")
+held_out, _ = build_captions(held_pool[:200], backend=caption_backend, seed=ctx.seed + 1)
 recall = {}
 for label in ("w/o TransCap", full_label):
     model = build_miss(study.model, backbone)
@@ -271,7 +307,7 @@ for label in ("w/o TransCap", full_label):
 fresh = build_miss(study.model, backbone)
 recall["not pre-trained"] = retrieval_recall(fresh, held_out, tokenizer, cache)
 recall_table = pd.concat(recall, names=["model"])
-atomic_write_text(out / "itc_recall.csv", recall_table.to_csv())
+atomic_write_text(ctx.out_dir / "itc_recall.csv", recall_table.to_csv())
 recall_table
 
 # %% [markdown]
@@ -288,16 +324,16 @@ recall_table
 # pre-trained weights and changes the fine-tuning order and dropout.
 
 # %%
-from medvqa_lib.experiments.runs import finetune_and_test
 from medvqa_lib.experiments.run_store import save_runs
+from medvqa_lib.experiments.runs import finetune_and_test
 
 make_full = finetune_factory(study.model, pretrained[full_label], backbone, study.untie_decoder)
 records = []
 for name, splits in suite.items():
     records += finetune_and_test("MISS", make_full, {name: splits}, study.seeds, tokenizer,
-                                 study.finetune_settings(name), out / "runs" / "finetune", cache,
+                                 study.finetune_settings(name), ctx.out_dir / "runs" / "finetune", cache,
                                  image_control=True)
-save_runs("MISS", records, out / "main_runs.csv", {s.qid: s for sp in suite.values() for s in sp["test"]})
+save_runs("MISS", records, ctx.out_dir / "main_runs.csv", {s.qid: s for sp in suite.values() for s in sp["test"]})
 
 # %% [markdown]
 # The decoding each run answered the test with, and the validation accuracy (%) of each
@@ -307,7 +343,7 @@ save_runs("MISS", records, out / "main_runs.csv", {s.qid: s for sp in suite.valu
 decoding = pd.DataFrame([{"dataset": r.dataset, "seed": r.seed, **r.decoding_val,
                           "test answered by": "greedy" if r.num_beams == 1 else f"beam search ({r.num_beams})"}
                          for r in records])
-atomic_write_text(out / "decoding_choice.csv", decoding.to_csv(index=False))
+atomic_write_text(ctx.out_dir / "decoding_choice.csv", decoding.to_csv(index=False))
 decoding.round(1)
 
 # %% [markdown]
@@ -318,7 +354,7 @@ decoding.round(1)
 curves = pd.DataFrame([{"dataset": r.dataset, "seed": r.seed, "epoch": h["epoch"],
                         "closed": h.get("val_closed"), "open": h.get("val_open")}
                        for r in records for h in r.train.history])
-atomic_write_text(out / "finetune_validation.csv", curves.to_csv(index=False))
+atomic_write_text(ctx.out_dir / "finetune_validation.csv", curves.to_csv(index=False))
 fig = plots.plot_validation_curves(curves)
 
 # %% [markdown]
@@ -350,7 +386,7 @@ for name, splits in suite.items():
         rows[paper] = reported_row(paper, name, c, o, a)
     tables[name] = results_table(rows)
 table12 = pd.concat(tables, names=["dataset"])
-atomic_write_text(out / "table1_2.csv", table12.to_csv())
+atomic_write_text(ctx.out_dir / "table1_2.csv", table12.to_csv())
 table12
 
 # %% [markdown]
@@ -359,12 +395,12 @@ table12
 # claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.papers.miss.pipeline import compare_to_prior, seed_mean_scores
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 
 vs_prior = compare_to_prior({name: seed_mean_scores([r for r in records if r.dataset == name])
-                             for name in suite}, prior_scored, n_resamples=prof.bootstrap_resamples,
-                            seed=seed)
-atomic_write_text(out / "miss_vs_prior.csv", vs_prior.to_csv())
+                             for name in suite}, prior_scored, n_resamples=ctx.profile.bootstrap_resamples,
+                            seed=ctx.seed, label="MISS")
+atomic_write_text(ctx.out_dir / "miss_vs_prior.csv", vs_prior.to_csv())
 vs_prior
 
 # %% [markdown]
@@ -376,8 +412,8 @@ vs_prior
 # %%
 from medvqa_lib.experiments.tables import image_reliance
 
-reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
-atomic_write_text(out / "image_control.csv", reliance.to_csv())
+reliance = image_reliance(records, n_resamples=ctx.profile.bootstrap_resamples, seed=ctx.seed)
+atomic_write_text(ctx.out_dir / "image_control.csv", reliance.to_csv())
 reliance
 
 # %% [markdown]
@@ -390,7 +426,7 @@ reliance
 # %%
 first = {r.dataset: r for r in records if r.seed == study.seeds[0]}
 for name, rec in first.items():
-    fig = plots.show_samples(suite[name]["test"], n=8, ncols=4, seed=seed, predictions=rec.predictions)
+    fig = plots.show_samples(suite[name]["test"], n=8, ncols=4, seed=ctx.seed, predictions=rec.predictions)
     fig.suptitle(f"{name}: generated answers (Pred) and ground truth (A)", y=1.02)
 
 # %% [markdown]
@@ -412,21 +448,21 @@ if run_ablations:
     plan = {"w/o pre-training": None, **{k: pretrained[k] for k in variants}}
     for label, state in plan.items():
         config = variants[label][0] if label in variants else study.model
-        if label == full_label and same_schedule and study.seeds[0] == seed:
+        if label == full_label and same_schedule and study.seeds[0] == ctx.seed:
             rec = first[ablation_set]
         else:
             rec = finetune_and_test(label, finetune_factory(config, state, backbone, study.untie_decoder),
                                     splits,
-                                    [seed], tokenizer, settings, out / "runs" / "ablations",
+                                    [ctx.seed], tokenizer, settings, ctx.out_dir / "runs" / "ablations",
                                     cache)[0]
         ablation_records[label] = rec
-        ablation_rows[label] = summarize_with_ci(rec.scored, n_resamples=prof.bootstrap_resamples,
-                                                 seed=seed)
-    print(f"ablations: {ablation_set}, seed {seed}, {settings.epochs} fine-tuning epoch(s) each")
+        ablation_rows[label] = summarize_with_ci(rec.scored, n_resamples=ctx.profile.bootstrap_resamples,
+                                                 seed=ctx.seed)
+    print(f"ablations: {ablation_set}, seed {ctx.seed}, {settings.epochs} fine-tuning epoch(s) each")
     table3 = pd.concat(ablation_rows, names=["variant"]).droplevel(1)
     table3.insert(0, "pre-training images", [corpus_sizes.get(k, {}).get("pre-training images", 0)
                                               for k in table3.index])
-    atomic_write_text(out / "table3.csv", table3.to_csv())
+    atomic_write_text(ctx.out_dir / "table3.csv", table3.to_csv())
     display(format_ci_table(table3))
     paper3 = pd.DataFrame(
         [("w/o pre-train", 0, 50.99, 3.82, 19.6), ("w/o TransCap", 38_800, 82.91, 81.47, 82.0),
@@ -446,15 +482,15 @@ cost = pd.DataFrame(
     [{"run": f"pre-train: {k}", "line": r.cost_line()} for k, r in pre_results.items()]
     + [{"run": f"fine-tune: {r.label} · {r.dataset} · seed {r.seed}", "line": r.train.cost_line()}
        for r in records + [r for k, r in ablation_records.items() if k != full_label]])
-atomic_write_text(out / "cost.csv", cost.to_csv(index=False))
+atomic_write_text(ctx.out_dir / "cost.csv", cost.to_csv(index=False))
 summary = {
-    "profile": prof.name, "real_data": real,
+    "profile": ctx.profile.name, "real_data": ctx.real,
     "pretrain_samples_per_s": round(sum(r.samples_per_s * r.time_s for r in pre_results.values())
                                     / max(sum(r.time_s for r in pre_results.values()), 1e-9), 2),
     "finetune_samples_per_s": round(sum(r.train.samples_per_s * r.train.time_s for r in records)
                                     / max(sum(r.train.time_s for r in records), 1e-9), 2),
 }
-atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+atomic_write_text(ctx.out_dir / "summary.json", json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 with pd.option_context("display.max_colwidth", 200):
     display(cost)
@@ -473,7 +509,7 @@ with pd.option_context("display.max_colwidth", 200):
 #   normalisation, and the join is by question id (see the {doc}`pitfalls page <../book/pitfalls>`).
 # * **The answer decoder.** The paper's decoder shares everything but self-attention with the
 #   JTM encoder; the public code's VQA model builds a separate decoder from the pre-trained
-#   weights. This chapter keeps it shared (`untie_decoder = False`); the parameter switches.
+#   weights. This chapter keeps it shared by default; the `untie_decoder` parameter switches.
 # * **Selection.** Checkpoints are chosen on validation questions (VQA-RAD's validation split
 #   is carved from its training questions); the paper does not say how its checkpoint was chosen.
 # * **Scale.** The `cpu` profile shrinks the image encoder (a randomly initialised ViT, fewer

@@ -42,43 +42,35 @@ if "google.colab" in sys.modules:
                    check=True)
 
 # %% tags=["parameters", "hide-cell"]
-# Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.papers.m2i2.pipeline.study_plan).
+# Parameters (papermill overrides these). None keeps the profile's plan
+# (medvqa_lib/papers/m2i2/config.py, PLANS); `overrides` takes any other study_plan key.
 profile = "gpu"  # "smoke" (CI), "cpu" (2-core laptop, ~20 min), "gpu" (the paper's schedule)
 data_dir = None  # folder with vqa_rad/ and slake/ (pathvqa/, roco/); None → $MEDVQA_DATA_DIR
 seed = 0
 seeds = None  # fine-tuning seeds of Tables 1-3, e.g. [0, 1, 2]
 datasets = None  # real datasets to load, e.g. ["vqa-rad", "slake", "pathvqa"]
+pairs = None  # image-caption pairs in the pre-training corpus
 image_size = None  # pre-training image size (the paper: 256)
 finetune_image_size = None  # fine-tuning image size (the paper: 384)
-vision_depth = None  # ViT layers
-text_depth = None  # BERT layers in all: the first half encodes text, the second half fuses
 mask_ratio = None  # share of image patches masked for MIM (the paper: 0.15)
 shared_masked_pass = None  # True: one masked image pass feeds all four objectives
 pretrain_epochs = None
 finetune_epochs = None  # dict per dataset, e.g. {"vqa-rad": 3, "slake": 1}
-pretrain_lr = None
-finetune_lr = None
-pretrain_batch_size = None
-batch_size = None  # fine-tuning questions per batch
-pairs = None  # image-caption pairs in the pre-training corpus
 num_beams = None  # beams of answer generation (1: greedy)
-max_new_tokens = None
-rank_k = None  # rank mode: candidates kept after the first-token pre-selection (None: profile)
+rank_k = None  # rank mode: candidates kept after the first-token pre-selection
 run_ablations = True
-ablation_epochs = None  # fine-tuning epochs of the Table 4 runs (None: the profile's)
-ablation_train_limit = None  # training questions of each Table 4 run (None: the profile's)
 run_rank_mode = True
 bootstrap_resamples = None
+# everything else, e.g. {"model": {"vision_depth": 2}, "finetune": {"lr": 1e-4}, "ablation_epochs": 1}
+overrides = {}
 
 # %%
 import time
 
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
 chapter_start = time.perf_counter()
-prof = setup(profile, seed, bootstrap_resamples=bootstrap_resamples,
-             **({"seeds": seeds} if seeds is not None else {}))
+ctx = setup(profile, seed, data_dir=data_dir, chapter="m2i2", bootstrap_resamples=bootstrap_resamples)
 
 # %%
 import json
@@ -88,35 +80,31 @@ import torch
 from IPython.display import display
 
 from medvqa_lib import plots
-from medvqa_lib.data.suite import cap, load_suite
+from medvqa_lib.data.suite import cap, chapter_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.papers.m2i2.pipeline import FULL, schedule_note, study_plan
+from medvqa_lib.notebook import show_code
+from medvqa_lib.papers.m2i2 import losses
+from medvqa_lib.papers.m2i2.config import FULL, schedule_note, study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
-out = output_dir("m2i2")
-stage = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+out = ctx.out_dir
+knobs = {"seeds": seeds, "datasets": datasets, "pairs": pairs, "finetune_epochs": finetune_epochs,
+         "rank_k": rank_k, **overrides}
 study = study_plan(
-    prof, out / "runs",
-    model=stage(image_size=image_size, finetune_image_size=finetune_image_size,
-                vision_depth=vision_depth, text_depth=text_depth, mask_ratio=mask_ratio,
-                shared_masked_pass=shared_masked_pass),
-    pretrain=stage(epochs=pretrain_epochs, lr=pretrain_lr, batch_size=pretrain_batch_size),
-    finetune=stage(lr=finetune_lr, batch_size=batch_size, num_beams=num_beams,
-                   max_new_tokens=max_new_tokens),
-    **stage(finetune_epochs=finetune_epochs, pairs=pairs, rank_k=rank_k, datasets=datasets,
-            ablation_epochs=ablation_epochs, ablation_train_limit=ablation_train_limit,
-            seeds=prof.seeds if seeds is not None else None))
+    ctx.profile, out / "runs", **{
+        **knobs,
+        "model": {"image_size": image_size, "finetune_image_size": finetune_image_size,
+                  "mask_ratio": mask_ratio, "shared_masked_pass": shared_masked_pass,
+                  **overrides.get("model", {})},
+        "pretrain": {"epochs": pretrain_epochs, **overrides.get("pretrain", {})},
+        "finetune": {"num_beams": num_beams, **overrides.get("finetune", {})}})
 backbone = select_text_backbone(study.model.text_backbone)
 tokenizer = backbone.tokenizer
 
-suite = load_suite(prof.replace(real_datasets=study.datasets), data_dir, synthetic=False, seed=seed,
-                   verbose=False)
-real = bool(suite)
-if not real:  # the embedded default: synthetic radiology
-    suite = load_suite(prof, None, synthetic=True, seed=seed, verbose=False)
-limits = study.split_limits(prof)  # caps on questions per split (smoke only)
-suite = {name: {split: cap(samples, limits[split], seed) for split, samples in splits.items()}
+suite = chapter_suite(ctx, study.datasets)  # the real datasets, else the synthetic radiology
+limits = study.split_limits(ctx.profile)  # caps on questions per split (smoke only)
+suite = {name: {split: cap(samples, limits[split], ctx.seed) for split, samples in splits.items()}
          for name, splits in suite.items()}
 print("VQA datasets:", ", ".join(f"{k} ({len(v['train'])} train / {len(v['val'])} val / "
                                  f"{len(v['test'])} test)" for k, v in suite.items()))
@@ -169,21 +157,37 @@ pd.DataFrame({
 #
 # $$\mathcal{L}_{mim} = \frac{1}{n}\sum_{i=1}^{n} \big\lVert P_i - \hat P_i \big\rVert^2,$$
 #
-# where, as in MAE, a patch's squared error is the mean over its pixel values.
-#
+# where, as in MAE, a patch's squared error is the mean over its pixel values. The loss, and the
+# image decoder that predicts $\hat P$ from the visible patches (a learned mask token at every
+# masked position, fixed 2-D sine-cosine positions, a linear head on each patch):
+
+# %%
+from medvqa_lib.papers.m2i2.mae import MAEDecoder
+
+show_code(losses.mim_loss, MAEDecoder)
+
+# %% [markdown]
 # **Masked language modelling (Eq. 2).** 15 % of the caption's tokens are selected (80 % of them
 # become [MASK], 10 % a random token, 10 % stay); the multimodal encoder predicts them from the
 # rest of the caption and the image:
 #
 # $$\mathcal{L}_{mlm} = \mathbb{E}_{(V,\hat T)\sim D}\, H\big(y^{mlm}, p^{mlm}(V, \hat T)\big).$$
-#
+
+# %%
+show_code(losses.mlm_loss)
+
+# %% [markdown]
 # **Image–text matching (Eq. 3).** A two-way head on the multimodal [CLS] state decides whether
 # image and caption belong together. Each image is paired with a *hard* negative caption from the
 # batch and each caption with a hard negative image, drawn with probability growing with their
 # contrastive similarity:
 #
 # $$\mathcal{L}_{itm} = \mathbb{E}_{(V,T)\sim D}\, H\big(y^{itm}, p^{itm}(V, T)\big).$$
-#
+
+# %%
+show_code(losses.itm_loss)
+
+# %% [markdown]
 # **Image–text contrast.** The [CLS] states of the image and text encoders are projected to 256
 # dimensions and normalised, $g_v(v_{cls})$ and $g_t(t_{cls})$. Momentum encoders, exponential
 # moving averages $\theta' \leftarrow m\,\theta' + (1-m)\,\theta$ of the online weights
@@ -194,15 +198,25 @@ pd.DataFrame({
 # $$\mathcal{L}_{itc} = \tfrac12\,\mathbb{E}_{(I,T)\sim D}\big[H(y^{i2t}, p^{i2t}) + H(y^{t2i}, p^{t2i})\big],$$
 #
 # with $y$ one-hot on the paired item (captions of the same image count as positives) and a
-# learned temperature $\tau$ starting at 0.07.
-#
+# learned temperature $\tau$ starting at 0.07. The paper gives this loss no number; the code is
+# ALBEF's, shared with the MISS chapter:
+
+# %%
+show_code(losses.itc_loss)
+
+# %% [markdown]
 # **Total (Eq. 4).**
 #
 # $$\mathcal{L} = \mathcal{L}_{mim} + \mathcal{L}_{mlm} + \mathcal{L}_{itm} + \mathcal{L}_{itc}.$$
 #
-# Each term is a tested function of the library (`tests/test_m2i2.py`): the mask covers exactly
-# $\mathrm{round}(rN)$ patches, the masked set is exactly the reconstructed set, and the MIM loss
-# matches a hand-computed value.
+# Each term is a tested function of the library (`medvqa_lib/papers/m2i2/losses.py`, tested in
+# `tests/test_m2i2.py`): the mask covers exactly $\mathrm{round}(rN)$ patches (the $N - n$
+# patches with the lowest random noise stay visible, as in MAE), the masked set is exactly the
+# reconstructed set, and the MIM loss matches a hand-computed value. A Table 4 ablation drops its
+# term from the sum:
+
+# %%
+show_code(losses.pretraining_loss)
 
 # %% [markdown]
 # ## Pre-training runs
@@ -214,11 +228,12 @@ pd.DataFrame({
 # one without ITC (no momentum encoders; ITM then draws its negatives uniformly from the batch).
 
 # %%
-from medvqa_lib.experiments.generative import ImageCache
-from medvqa_lib.papers.m2i2.pipeline import ablation_configs, pretrain_variant, pretraining_corpus
+from medvqa_lib.experiments.images import ImageCache
+from medvqa_lib.papers.m2i2.config import ablation_configs
+from medvqa_lib.papers.m2i2.pipeline import pretrain_variant, pretraining_corpus
 
-corpus, held_out, corpus_source = pretraining_corpus(prof, study.pairs, seed, data_dir if real else None,
-                                                     n_held_out=2)
+corpus, held_out, corpus_source = pretraining_corpus(ctx.profile, study.pairs, ctx.seed, ctx.data_root,
+                                                     hub=ctx.hub, n_held_out=2)
 pre_cache = ImageCache(study.model.image_size)
 ft_cache = pre_cache if study.finetune_image_size == study.model.image_size else ImageCache(
     study.finetune_image_size)
@@ -228,7 +243,7 @@ if not run_ablations:
 pretrained, pre_results = {}, {}
 for label, config in variants.items():
     pretrained[label], pre_results[label] = pretrain_variant(
-        label, config, corpus, tokenizer, pre_cache, study.pretrain, backbone, seed=seed)
+        label, config, corpus, tokenizer, pre_cache, study.pretrain, backbone, seed=ctx.seed)
     print(f"{label:<10} {len(corpus):>6} pairs · {pre_results[label].cost_line()}")
 
 # %% [markdown]
@@ -248,16 +263,16 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 # them.
 
 # %%
-from medvqa_lib.papers.m2i2.pipeline import reconstruction_figure
+from medvqa_lib.papers.m2i2.figures import reconstruction_figure
 from medvqa_lib.training import seed_everything
 
-seed_everything(seed)
+seed_everything(ctx.seed)
 before = build_m2i2(study.model, backbone)  # the initialisation every variant starts from
 after = build_m2i2(study.model, backbone)
 after.load_state_dict(pretrained[FULL])
 figure_images = torch.stack([pre_cache.get(p) for p in held_out or corpus[:2]])
 fig = reconstruction_figure({"before pre-training": before, "after pre-training": after},
-                            figure_images, seed=seed)
+                            figure_images, seed=ctx.seed)
 if not held_out:
     print("no held-out caption image: these two were seen in pre-training")
 del probe, before, after
@@ -272,16 +287,22 @@ del probe, before, after
 # $$\mathcal{L}_\theta = -\sum_{j=1}^{|y|} \log P_\theta\big(y_j \mid y_{<j}, x, c\big),$$
 #
 # where $c$ is the fused question–image context, summed over an answer's tokens and averaged over
-# the batch. The image encoder's positional embeddings are interpolated to the fine-tuning image
+# the batch:
+
+# %%
+show_code(losses.answer_loss)
+
+# %% [markdown]
+# The image encoder's positional embeddings are interpolated to the fine-tuning image
 # size. Answers are **generated** (greedy or beam search, as the profile says) — no answer list is
 # involved. The epoch is selected on validation accuracy (greedy answers on validation questions);
 # the test split is answered once, by the selected weights. Each seed starts from the same
 # pre-trained weights and changes the data order and dropout.
 
 # %%
+from medvqa_lib.experiments.run_store import save_runs
 from medvqa_lib.experiments.runs import finetune_and_test
 from medvqa_lib.papers.m2i2.pipeline import finetune_factory
-from medvqa_lib.experiments.run_store import save_runs
 
 records = []
 for name, splits in suite.items():
@@ -304,13 +325,8 @@ fig = plots.plot_training_curves({f"{r.dataset}, seed {r.seed}": r.train.out_dir
 
 # %%
 from medvqa_lib.evaluation import results_table
-from medvqa_lib.papers.m2i2.pipeline import (
-    free_para_scores,
-    measured_rows,
-    prior_scores,
-    readable,
-    reported_rows,
-)
+from medvqa_lib.papers.m2i2.pipeline import free_para_scores, measured_rows, prior_scores, readable
+from medvqa_lib.papers.m2i2.reported import reported_rows
 
 prior_scored = prior_scores(suite)
 result_tables = {}
@@ -369,11 +385,11 @@ atomic_write_text(out / "tables1_3.csv", table123.to_csv())
 # claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.papers.m2i2.pipeline import compare_with_prior, seed_mean_scores
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 
-vs_prior = compare_with_prior({name: seed_mean_scores([r for r in records if r.dataset == name])
-                               for name in suite}, prior_scored, n_resamples=prof.bootstrap_resamples,
-                              seed=seed)
+vs_prior = compare_to_prior({name: seed_mean_scores([r for r in records if r.dataset == name])
+                             for name in suite}, prior_scored, n_resamples=ctx.profile.bootstrap_resamples,
+                            seed=ctx.seed, label=FULL)
 atomic_write_text(out / "m2i2_vs_prior.csv", vs_prior.to_csv())
 vs_prior
 
@@ -387,7 +403,7 @@ vs_prior
 # %%
 from medvqa_lib.experiments.tables import image_reliance
 
-reliance = image_reliance(records, n_resamples=prof.bootstrap_resamples, seed=seed)
+reliance = image_reliance(records, n_resamples=ctx.profile.bootstrap_resamples, seed=ctx.seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())
 reliance
 
@@ -400,17 +416,18 @@ reliance
 # and the full model. When the ablation schedule is the main one (`gpu`), the full model's row is
 # its first-seed run from above; on `cpu` the ablations are shorter (`ablation_epochs`,
 # `ablation_train_limit`) and the full model is fine-tuned again on the same short schedule, so
-# the rows differ only in pre-training. The 95 % intervals are bootstrap intervals over test questions; the last column is the paired change
-# of overall accuracy against the full model. Differences smaller than the interval widths are
-# not evidence either way.
+# the rows differ only in pre-training. Each row gives the variant's accuracies and its change
+# against the full model (overall, closed, open; percentage points) with a paired-bootstrap 95 %
+# interval over the same test questions. A change whose interval contains 0 is not evidence
+# either way.
 
 # %%
-from medvqa_lib.papers.m2i2.pipeline import ablation_table
+from medvqa_lib.experiments.tables import ablation_table
 
 ablation_records, ablation_tables = {}, {}
 if run_ablations:
     for name in study.ablation_sets(list(suite)):
-        settings, splits = study.ablation_settings(name), study.ablation_splits(suite[name], seed)
+        settings, splits = study.ablation_settings(name), study.ablation_splits(suite[name], ctx.seed)
         plan = {"w/o pre-training": None, "w/o MIM": pretrained["w/o MIM"], "w/o ITC": pretrained["w/o ITC"]}
         if not study.ablation_matches_main(name):  # the full model on the ablations' schedule
             plan = {FULL: pretrained[FULL], **plan}
@@ -424,7 +441,8 @@ if run_ablations:
         print(f"Table 4 on {name}: {settings.epochs} epoch(s) on {len(splits['train'])} training questions, "
               f"seed {study.seeds[0]}")
         ablation_records[name] = runs
-        ablation_tables[name] = ablation_table(runs, n_resamples=prof.bootstrap_resamples, seed=seed)
+        ablation_tables[name] = ablation_table(runs, reference=FULL, n_resamples=ctx.profile.bootstrap_resamples,
+                                               seed=ctx.seed)
     if ablation_tables:
         table4 = pd.concat(ablation_tables, names=["dataset"])
         atomic_write_text(out / "table4.csv", table4.to_csv())
@@ -443,12 +461,13 @@ if run_ablations:
 # does on them), first seed's model.
 
 # %%
-from medvqa_lib.papers.m2i2.pipeline import gradcam_figure, pick_examples, restore_finetuned
+from medvqa_lib.papers.m2i2.figures import gradcam_figure, pick_examples
+from medvqa_lib.papers.m2i2.pipeline import restore_finetuned
 
 finetuned, gradcam_rows = {}, {}
 for name in suite:
     finetuned[name] = restore_finetuned(study.model, first[name], backbone)
-    examples = pick_examples(suite[name]["test"], 2, 2, seed=seed)
+    examples = pick_examples(suite[name]["test"], 2, 2, seed=ctx.seed)
     fig, gradcam_rows[name] = gradcam_figure(finetuned[name], examples, tokenizer, ft_cache,
                                              max_question_len=study.finetune.max_text_len)
     fig.suptitle(f"{name}: Grad-CAM of the cross-attention (the model's own answer)", y=1.02)
@@ -467,7 +486,7 @@ gradcam_table
 # the pitfall describes. The paired intervals compare the two lists on the same questions.
 
 # %%
-from medvqa_lib.papers.m2i2.pipeline import candidate_lists, rank_mode, rank_mode_table
+from medvqa_lib.papers.m2i2.rank import candidate_lists, rank_mode, rank_mode_table
 
 rank_tables = {}
 if run_rank_mode:
@@ -477,7 +496,7 @@ if run_rank_mode:
         ranked = rank_mode(finetuned[name], test, lists, tokenizer, ft_cache, k=study.rank_k,
                            max_question_len=study.finetune.max_text_len)
         rank_tables[name] = rank_mode_table(first[name].scored, ranked, test,
-                                            n_resamples=prof.bootstrap_resamples, seed=seed)
+                                            n_resamples=ctx.profile.bootstrap_resamples, seed=ctx.seed)
     if rank_tables:
         rank_table = pd.concat(rank_tables, names=["dataset"])
         atomic_write_text(out / "rank_mode.csv", rank_table.to_csv())
@@ -509,7 +528,7 @@ def throughput(results):
 
 
 summary = {
-    "profile": prof.name, "real_data": real, "datasets": list(suite),
+    "profile": ctx.profile.name, "real_data": ctx.real, "datasets": list(suite),
     "seeds": list(study.seeds),
     "pretrain_samples_per_s": throughput(list(pre_results.values())),
     "finetune_samples_per_s": throughput([r.train for r in all_runs]),
@@ -538,7 +557,7 @@ from IPython.display import Markdown
 from medvqa_lib.evaluation import format_mean_std
 from medvqa_lib.papers.m2i2.pipeline import seed_summary
 
-lines = [f"**{prof.name} profile**, {', '.join(suite)}{'' if real else ' (synthetic stand-in)'}; "
+lines = [f"**{ctx.profile.name} profile**, {', '.join(suite)}{'' if ctx.real else ' (synthetic stand-in)'}; "
          f"{len(study.seeds)} seed(s); whole chapter {summary['chapter_wall_time_min']} min; "
          f"pre-training {summary['pretrain_samples_per_s']} pairs/s, fine-tuning "
          f"{summary['finetune_samples_per_s']} questions/s."]
@@ -551,9 +570,9 @@ for name in suite:
                  f"(margin over the prior: closed {support.get('closed', 'n/a')}, open "
                  f"{support.get('open', 'n/a')}).")
     if name in ablation_tables:
-        deltas = ablation_tables[name].iloc[:, -1]
+        t = ablation_tables[name]
         lines.append("  Table 4, overall vs the full model: " + "; ".join(
-            f"{k} {v} pp" for k, v in deltas.items() if v))
+            f"{k} {t.loc[k, 'Δ overall (pp)']:+.1f} pp {t.loc[k, 'Δ overall 95% CI']}" for k in t.index if k != FULL))
 Markdown("\n".join(lines))
 
 # %% [markdown]

@@ -34,8 +34,11 @@
 #    and question type.
 #
 # No code has been published for this paper. This chapter is the first runnable version, and
-# each place where the text left a choice is listed at the end. The model comes from the
-# library (`medvqa_lib.papers.cmdpi.model`) and the experiments from `medvqa_lib.papers.cmdpi.pipeline`.
+# each place where the text left a choice is listed at the end. The code lives in one package,
+# `medvqa_lib.papers.cmdpi`: the model in `model.py` (its three modules in `modules.py`), every
+# equation of the paper as a function of `losses.py` (shown below next to its formula), the
+# sizes of each run profile in `config.py`, and the experiments in `pipeline.py` and
+# `analysis.py`.
 # The chapter pre-trains the model and its ablations and fine-tunes on VQA-RAD and SLAKE (or
 # the built-in synthetic data). It regenerates Tables 1–2 and Figures 5–12, plus the appendix
 # sweeps when `run_sweeps` is on, and compares every result with the question-only prior of the
@@ -53,48 +56,37 @@ if "google.colab" in sys.modules:
                    check=True)
 
 # %% tags=["parameters", "hide-cell"]
-# Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.papers.cmdpi.pipeline.study_plan).
+# Parameters (papermill overrides these). None keeps the value of the profile's plan
+# (medvqa_lib.papers.cmdpi.config.PLANS); `overrides` takes any other field of study_plan.
 profile = "gpu"  # "smoke" (CI, < 1 min), "cpu" (2-core laptop: ~20 min, ~45 with ablations), "gpu" (the paper's)
 data_dir = None  # folder with vqa_rad/ and slake/ (and roco/); None → $MEDVQA_DATA_DIR
 seed = 0
 seeds = None  # fine-tuning seeds of Tables 1-2, e.g. [0, 1, 2]
-ablation_seeds = None  # seeds of every ablation and sweep run, e.g. [0]
-ablation_dataset = None  # dataset of Figures 6-15 (None: the profile's; VQA-RAD on gpu)
-ablation_epochs = None  # fine-tuning epochs of the ablation and sweep runs (None: as Tables 1-2)
-ablation_max_train = None  # training questions of each ablation and sweep run (None: the profile's)
-pretrain_ablations = None  # Figure 6-7 variants to run, e.g. ["w/o inter-contrast"] (None: the profile's)
 image_size = None  # pixels (the paper: 224)
-vision_depth = None  # ViT layers
-text_depth = None  # text encoder layers taken from the backbone (None: all)
 dim = None  # shared width d of the encoders' outputs and RecNet (the paper: 512)
 rec_depth = None  # RecNet layers (the paper: 4)
-image_mask_ratio = None  # rho for image patches (not given; MAE's 0.75)
-text_mask_ratio = None  # rho for text tokens (not given; BERT's 0.15)
 sim_threshold = None  # cosine threshold of similar images (the paper: 0.75)
 pretrain_epochs = None
 finetune_epochs = None  # dict per dataset, e.g. {"vqa-rad": 4, "slake": 2}
-pretrain_lr = None
 finetune_lr = None  # the paper: 7.5e-6
-batch_size = None  # fine-tuning questions per batch (the paper: 32)
 captions = None  # image-caption pairs in the pre-training corpus
-pretrain_vqa = None  # "train" (training questions), "synthetic" (generated), "none"
-pretrain_vqa_limit = None  # pre-training questions per dataset (None: all)
-max_train = None  # fine-tuning questions per dataset (None: all)
-frozen = None  # parameter-name prefixes without gradient, e.g. [] (cpu: the text word embeddings)
-run_ablations = None  # Figures 6-8 (None: the profile's)
+max_train = None  # fine-tuning questions per dataset
+ablation_dataset = None  # dataset of Figures 6-15 (VQA-RAD on gpu)
+run_ablations = None  # Figures 6-8
 run_sweeps = False  # appendix: Figure 13, Tables 3-5, Figures 14-15
 tsne_points = 800  # test questions in Figure 9
 bootstrap_resamples = None
+# everything else, e.g. {"ablation_seeds": [0, 1], "ablation_epochs": 2, "pretrain_ablations": "all",
+# "frozen": [], "pretrain_vqa": "synthetic", "model": {"image_mask_ratio": 0.5}, "pretrain": {"lr": 2e-4}}
+overrides = {}
 
 # %%
 import time
 
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
 chapter_start = time.perf_counter()
-prof = setup(profile, seed, bootstrap_resamples=bootstrap_resamples,
-             **({"seeds": seeds} if seeds is not None else {}))
+ctx = setup(profile, seed, data_dir=data_dir, chapter="cmdpi", bootstrap_resamples=bootstrap_resamples)
 
 # %%
 import json
@@ -103,35 +95,29 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from medvqa_lib import plots
-from medvqa_lib.data.suite import load_suite
+from medvqa_lib.data.suite import chapter_suite
 from medvqa_lib.io import atomic_write_text
-from medvqa_lib.papers.cmdpi.pipeline import study_plan
+from medvqa_lib.notebook import show_code
+from medvqa_lib.papers.cmdpi import losses
+from medvqa_lib.papers.cmdpi.config import study_plan
 from medvqa_lib.text import select_text_backbone
 
 plots.use_book_style()
-out = output_dir("cmdpi")
-keep = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+out = ctx.out_dir
 study = study_plan(
-    prof, out / "runs",
-    model=keep(image_size=image_size, vision_depth=vision_depth, text_depth=text_depth, dim=dim,
-               rec_depth=rec_depth, image_mask_ratio=image_mask_ratio, text_mask_ratio=text_mask_ratio,
-               sim_threshold=sim_threshold),
-    pretrain=keep(epochs=pretrain_epochs, lr=pretrain_lr),
-    finetune=keep(lr=finetune_lr, batch_size=batch_size),
-    **keep(finetune_epochs=finetune_epochs, captions=captions, pretrain_vqa=pretrain_vqa,
-           pretrain_vqa_limit=pretrain_vqa_limit, max_train=max_train, ablation_dataset=ablation_dataset,
-           ablation_epochs=ablation_epochs, ablation_max_train=ablation_max_train, run_ablations=run_ablations,
-           pretrain_ablations=None if pretrain_ablations is None else tuple(pretrain_ablations),
-           frozen=None if frozen is None else tuple(frozen),
-           ablation_seeds=None if ablation_seeds is None else tuple(ablation_seeds)))
+    ctx.profile, out / "runs",
+    model=dict(image_size=image_size, dim=dim, rec_depth=rec_depth, sim_threshold=sim_threshold,
+               **overrides.get("model", {})),
+    pretrain=dict(epochs=pretrain_epochs, **overrides.get("pretrain", {})),
+    finetune=dict(lr=finetune_lr, **overrides.get("finetune", {})),
+    seeds=seeds, finetune_epochs=finetune_epochs, captions=captions, max_train=max_train,
+    ablation_dataset=ablation_dataset, run_ablations=run_ablations,
+    **{k: v for k, v in overrides.items() if k not in ("model", "pretrain", "finetune")})
 backbone = select_text_backbone(study.model.text_backbone)
 tokenizer = backbone.tokenizer
 run_ablations = study.run_ablations
 
-suite = load_suite(prof, data_dir, synthetic=False, seed=seed, verbose=False)
-real = bool(suite)
-if not real:  # the embedded default: synthetic radiology
-    suite = load_suite(prof, None, synthetic=True, seed=seed, verbose=False)
+suite = chapter_suite(ctx)
 abl = study.ablation_dataset if study.ablation_dataset in suite else next(iter(suite))
 print("VQA datasets:", ", ".join(f"{k} ({len(v['train'])} train / {len(v['val'])} val / "
                                  f"{len(v['test'])} test)" for k, v in suite.items()))
@@ -161,9 +147,22 @@ print("ablations and sweeps on:", abl)
 # $N+1..N+M$, and $\mathrm{FFN}_A$ predicts the answer from the last position, $\mathbf H_o[:, -1]$.
 # The answer head is a **classifier over the answers seen in training**. This is the
 # "classification-shaped" part of CMDPI, and its consequences are measured below.
+#
+# In code, Eq. 1 is the model's `encode` (with `fuse` as the global fusion), Eq. 3 is RecNet's
+# forward pass and Eq. 4's last position is `answer_positions`:
 
 # %%
-from medvqa_lib.papers.cmdpi.model import PAPER_TRAINING, build_cmdpi
+from medvqa_lib.papers.cmdpi.model import CMDPI
+from medvqa_lib.papers.cmdpi.modules import RecNet
+
+show_code(CMDPI.encode, CMDPI.fuse, RecNet.forward, CMDPI.answer_positions)
+
+# %% [markdown]
+# The model of this run, next to the paper's:
+
+# %%
+from medvqa_lib.papers.cmdpi.config import PAPER_TRAINING
+from medvqa_lib.papers.cmdpi.model import build_cmdpi
 
 probe = build_cmdpi(study.model, backbone)
 n_params = sum(p.numel() for p in probe.parameters())
@@ -201,8 +200,14 @@ model_table
 # = \mathrm{MSE}(\mathrm{Output}_I, \mathrm{Input}_I) + \mathrm{CE}(\mathrm{Output}_T, \mathrm{Input}_T)
 # + \mathrm{CE}(\mathrm{Ans}', \mathrm{Ans}),$$
 #
-# where $\mathcal L_{ans}$ exists only for VQA rows.
-#
+# where $\mathcal L_{ans}$ exists only for VQA rows. Both reconstructions are one RecNet pass
+# over the stacked rows (Eq. 2), each half scored with Eq. 5:
+
+# %%
+show_code(CMDPI._pretrain_reconstruction, losses.reconstruction_loss, losses.image_rec_loss,
+          losses.text_rec_loss, losses.answer_loss)
+
+# %% [markdown]
 # **Inter- and intra-modality contrast (Eqs. 6–7).** With momentum encoders giving
 # $\hat{\mathbf h}_I, \hat{\mathbf h}_T$ (no gradient),
 #
@@ -212,8 +217,12 @@ model_table
 # $$\mathrm{Contra}(a, b) = -\frac1N\sum_{i=1}^N \log
 # \frac{\exp(\mathrm{sim}(a^i, b^i)/\tau)}{\sum_{j=1}^N \exp(\mathrm{sim}(a^i, b^j)/\tau)},$$
 #
-# with $\alpha = 0.5$, $\alpha' = 1$ and cosine similarity.
-#
+# with $\alpha = 0.5$, $\alpha' = 1$ and cosine similarity:
+
+# %%
+show_code(losses.contrastive_loss, losses.contra_loss)
+
+# %% [markdown]
 # **Which data goes where (Sec. 3.2.3).** A caption describes the whole image, while a VQA
 # pair describes one aspect of it. In contrastive learning, two VQA pairs that both fit an
 # image are pushed apart as false negatives. So captions are used for reconstruction *and*
@@ -229,10 +238,10 @@ model_table
 # Validation and test questions never enter pre-training.
 
 # %%
+from medvqa_lib.experiments.images import ImageCache
 from medvqa_lib.papers.cmdpi.pipeline import pretraining_corpus
-from medvqa_lib.experiments.generative import ImageCache
 
-corpus = pretraining_corpus(prof, suite, study, seed, data_dir, real=real)
+corpus = pretraining_corpus(ctx.profile, suite, study, seed, ctx.data_root, real=ctx.real, hub=ctx.hub)
 cache = ImageCache(study.model.image_size)
 corpus_table = corpus.table()
 atomic_write_text(out / "pretraining_corpus.csv", corpus_table.to_csv())
@@ -249,7 +258,8 @@ corpus_table
 # Pre-training has no validation signal, so the last epoch is kept.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import PRETRAIN_VARIANTS, pretrain_variant
+from medvqa_lib.papers.cmdpi.config import PRETRAIN_VARIANTS
+from medvqa_lib.papers.cmdpi.pipeline import pretrain_variant
 
 pre_plan = {"CMDPI": PRETRAIN_VARIANTS["CMDPI"], **(study.pretrain_ablation_plan() if run_ablations else {})}
 pretrained, pre_results = {}, {}
@@ -280,6 +290,13 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 # \qquad \mathbf H_o^d = \mathrm{RecNet}(\mathbf h_F, \tilde{\mathbf H}_I, \mathbf H_T),\qquad
 # \mathcal L^d_{diff} = \mathcal L^d_{img} + \mathcal L^d_{txt}.$$
 #
+# In code (Eq. 9 reuses Eq. 4's heads on $\mathbf H_o^d$, on the current image and question
+# only):
+
+# %%
+show_code(losses.deviate_features, CMDPI.difference_reconstruct, losses.difference_reconstruction_loss)
+
+# %% [markdown]
 # **Head mixup (Eqs. 11–12).** With the answer head $\mathbf h_D = \mathbf H_o^d[:, -1]$ and
 # the head $\hat{\mathbf h}_D$ of another question with the same organ and question type,
 #
@@ -289,14 +306,21 @@ fig = plots.plot_training_curves({k: r.out_dir for k, r in pre_results.items()},
 #
 # and the fine-tuning loss is $\mathcal L_{ft} = \mathcal L_{mix} + \mathcal L^d_{diff}$ (Eq. 13).
 # At test time nothing is mixed: $\mathrm{FFN}_A$ reads the plain pass and the arg-max over the
-# training answers is the prediction.
-#
+# training answers is the prediction. The mixing partner is another question of the batch with
+# the same organ and question type (`mixup_partners`), and $\lambda$ is drawn per question
+# (`sample_lambda`):
+
+# %%
+show_code(losses.head_mixup, losses.soft_cross_entropy, losses.finetune_loss, losses.mixup_partners,
+          losses.sample_lambda)
+
+# %% [markdown]
 # **What a classifier cannot answer.** The answer set is built from the training split only,
 # so a test question whose answer never occurs in training is always wrong. That sets a
 # ceiling on CMDPI's accuracy, and the ceiling is lower for open questions:
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import unseen_answers
+from medvqa_lib.papers.cmdpi.analysis import unseen_answers
 
 unseen = unseen_answers(suite)
 atomic_write_text(out / "unseen_answers.csv", unseen.to_csv())
@@ -311,9 +335,10 @@ unseen
 
 # %%
 from medvqa_lib.data.suite import cap
-from medvqa_lib.papers.cmdpi.model import build_answer_vocab, load_pretrained_for_finetune
-from medvqa_lib.papers.cmdpi.pipeline import SimilarityIndex, finetune_and_test
 from medvqa_lib.experiments.run_store import save_runs
+from medvqa_lib.papers.cmdpi.answers import build_answer_vocab, load_pretrained_for_finetune
+from medvqa_lib.papers.cmdpi.pipeline import finetune_cmdpi
+from medvqa_lib.papers.cmdpi.similar import SimilarityIndex
 
 similarity = {}
 
@@ -332,7 +357,7 @@ def similarity_for(label, name):
 heads_for = cap(list(suite[abl]["test"]), tsne_points, seed)
 records = []
 for name, splits in suite.items():
-    records += finetune_and_test(
+    records += finetune_cmdpi(
         "CMDPI", study.model, pretrained["CMDPI"], corpus.vocab, name, splits, study.seeds, tokenizer, cache,
         study.finetune_settings(name), out / "runs" / "finetune", backbone,
         similarity=similarity_for("CMDPI", name), heads_for=heads_for if name == abl else None,
@@ -374,13 +399,13 @@ from medvqa_lib.evaluation import (
     score_predictions,
     summarize,
 )
-from medvqa_lib.papers.cmdpi.pipeline import PRETRAIN_GROUP, REPORTED
+from medvqa_lib.papers.cmdpi.reported import PRETRAIN_GROUP, REPORTED
 
 prior_scored, tables = {}, {}
 for name, splits in suite.items():
     prior = QuestionOnlyPrior(key="question_type").fit(splits["train"])
     prior_scored[name] = score_predictions(splits["test"], prior.predict(splits["test"]))
-    rows = {f"CMDPI, this book ({prof.name}), {len(study.seeds)} seeds":
+    rows = {f"CMDPI, this book ({ctx.profile.name}), {len(study.seeds)} seeds":
             aggregate_seeds([summarize(r.scored) for r in records if r.dataset == name]),
             "question-type prior, this book": summarize(prior_scored[name])}
     for model_name, c, o, a in REPORTED.get(name, []):
@@ -401,7 +426,7 @@ with pd.option_context("display.max_rows", 60):
 # shows the overall accuracy each reported row implies, next to the one it reports:
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import implied_overall
+from medvqa_lib.papers.cmdpi.analysis import implied_overall
 
 TEST_MAKEUP = {"vqa-rad": (272, 179), "slake": (416, 645)}  # (closed, open) of the standard test splits
 check = pd.DataFrame([{"dataset": name, "model": m_, "reported overall": a,
@@ -423,9 +448,11 @@ check[check["gap"].abs() > 0.5]
 # The claim is *supported* when the whole 95 % interval lies above zero.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import compare_with_prior
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 
-vs_prior = compare_with_prior(records, prior_scored, n_resamples=prof.bootstrap_resamples, seed=seed)
+cmdpi_scored = {name: seed_mean_scores([r for r in records if r.dataset == name]) for name in suite}
+vs_prior = compare_to_prior(cmdpi_scored, prior_scored, n_resamples=ctx.profile.bootstrap_resamples, seed=seed,
+                            label="CMDPI")
 atomic_write_text(out / "cmdpi_vs_prior.csv", vs_prior.to_csv())
 vs_prior
 
@@ -438,7 +465,7 @@ vs_prior
 # %%
 from medvqa_lib.experiments.tables import image_reliance
 
-reliance = image_reliance([r for r in records if r.label == "CMDPI"], n_resamples=prof.bootstrap_resamples,
+reliance = image_reliance([r for r in records if r.label == "CMDPI"], n_resamples=ctx.profile.bootstrap_resamples,
                           seed=seed)
 atomic_write_text(out / "image_control.csv", reliance.to_csv())
 reliance
@@ -457,7 +484,7 @@ import matplotlib.pyplot as plt
 FIG5 = {"MEVF": 10_000, "CMSA": 10_000, "CPRD": 23_000, "M2I2": 80_000, "PubMedCLIP / WSRP / VB-MVQA": 80_000,
         "CMDPI (paper)": 114_000, "MUMC": 400_000, "LLaVA-Med": 600_000, "PeFoMed": 750_000,
         "BiomedCLIP": 15_000_000}  # "over 10k", "about 23k", "over 80k", "nearly 400k", "over 750k" in the text
-fig5 = pd.Series({**FIG5, f"CMDPI (this run, {prof.name})": len(corpus)}).sort_values()
+fig5 = pd.Series({**FIG5, f"CMDPI (this run, {ctx.profile.name})": len(corpus)}).sort_values()
 atomic_write_text(out / "figure5_pretraining_data.csv", fig5.rename("pre-training samples").to_csv())
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
 ax.barh(fig5.index, fig5.values, color=["C1" if "this run" in k else "C0" for k in fig5.index])
@@ -488,7 +515,9 @@ fig.tight_layout()
 # removing inter-modality contrast costs the most, and that Contra.QA lowers it too.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import FINETUNE_VARIANTS, ablation_table, variant_bars
+from medvqa_lib.experiments.tables import ablation_table
+from medvqa_lib.papers.cmdpi.analysis import variant_bars
+from medvqa_lib.papers.cmdpi.config import FINETUNE_VARIANTS
 
 abl_seeds = study.ablation_seeds
 abl_settings = study.ablation_settings(abl)
@@ -496,29 +525,29 @@ same_schedule = study.ablation_matches_main(abl)
 full_records = [r for r in records if same_schedule and r.dataset == abl and r.seed in abl_seeds]
 missing = [s for s in abl_seeds if s not in {r.seed for r in full_records}]
 if run_ablations and missing:  # ablation seeds (or an ablation schedule) that Tables 1-2 did not run
-    full_records += finetune_and_test(
+    full_records += finetune_cmdpi(
         "CMDPI", study.model, pretrained["CMDPI"], corpus.vocab, abl, suite[abl], missing, tokenizer, cache,
         abl_settings, out / "runs" / "ablations", backbone, similarity=similarity_for("CMDPI", abl),
         heads_for=heads_for, **study.ablation_options())
 pre_records, ft_records = {"CMDPI": full_records}, {"CMDPI": full_records}
 n_abl_train = min(len(suite[abl]["train"]), study.ablation_max_train or study.max_train or len(suite[abl]["train"]))
 note = (f"{abl} test · ablations: {len(abl_seeds)} seed(s), {abl_settings.epochs} epoch(s) on {n_abl_train} "
-        f"training questions · {prof.name} profile")
+        f"training questions · {ctx.profile.name} profile")
 if not run_ablations:
     print("run_ablations is off: set run_ablations=True in the parameters cell for Figures 6-8.")
 if run_ablations:
     skipped = [k for k in PRETRAIN_VARIANTS if k != "CMDPI" and k not in study.pretrain_ablation_plan()]
     if skipped:
-        print(f"not run on the {prof.name} profile (pretrain_ablations): {', '.join(skipped)}")
+        print(f"not run on the {ctx.profile.name} profile (pretrain_ablations): {', '.join(skipped)}")
     for label, switches in study.pretrain_ablation_plan().items():
-        pre_records[label] = finetune_and_test(
+        pre_records[label] = finetune_cmdpi(
             label, study.model.replace(**switches), pretrained[label], corpus.vocab, abl, suite[abl], abl_seeds,
             tokenizer, cache, abl_settings, out / "runs" / "ablations", backbone,
             similarity=similarity_for(label, abl), **study.ablation_options())
-    pre_records["w/o pre-training"] = finetune_and_test(
+    pre_records["w/o pre-training"] = finetune_cmdpi(
         "w/o pre-training", study.model, None, None, abl, suite[abl], abl_seeds, tokenizer, cache, abl_settings,
         out / "runs" / "ablations", backbone, **study.ablation_options())
-    fig67 = ablation_table(pre_records, n_resamples=prof.bootstrap_resamples, seed=seed)
+    fig67 = ablation_table(pre_records, n_resamples=ctx.profile.bootstrap_resamples, seed=seed)
     atomic_write_text(out / "figure6_7_pretraining_ablation.csv", fig67.to_csv())
     display(fig67)
     if "Contra.QA" in fig67.index:
@@ -538,12 +567,12 @@ if run_ablations:
     for label, switches in FINETUNE_VARIANTS.items():
         if label == "CMDPI":
             continue
-        ft_records[label] = finetune_and_test(
+        ft_records[label] = finetune_cmdpi(
             label, study.model.replace(**switches), pretrained["CMDPI"], corpus.vocab, abl, suite[abl], abl_seeds,
             tokenizer, cache, abl_settings, out / "runs" / "ablations", backbone,
             similarity=similarity_for("CMDPI", abl), heads_for=heads_for if label == "w/o head mixup" else None,
             **study.ablation_options())
-    fig8 = ablation_table(ft_records, n_resamples=prof.bootstrap_resamples, seed=seed)
+    fig8 = ablation_table(ft_records, n_resamples=ctx.profile.bootstrap_resamples, seed=seed)
     atomic_write_text(out / "figure8_finetuning_ablation.csv", fig8.to_csv())
     display(fig8)
     variant_bars(fig8, "Figure 8: fine-tuning techniques", note)
@@ -558,7 +587,7 @@ if run_ablations:
 # depend on the random state and the perplexity, so the picture is a qualitative check only.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import tsne_figure
+from medvqa_lib.papers.cmdpi.analysis import tsne_figure
 
 if run_ablations:
     first_full = next(r for r in full_records if r.heads is not None)
@@ -577,7 +606,7 @@ if run_ablations:
 # by many points when a single question changes, so read the `n` column first.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import per_group
+from medvqa_lib.papers.cmdpi.analysis import per_group
 
 if run_ablations:
     fig10 = per_group(ft_records, "organ", min_n=5)
@@ -602,7 +631,7 @@ if run_ablations:
 # one-sided.
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import case_study
+from medvqa_lib.papers.cmdpi.analysis import case_study
 
 if run_ablations:
     firsts = {lab: recs[0] for lab, recs in ft_records.items()}
@@ -647,12 +676,12 @@ def sweep(name, points, make_config, default=None, pretrain=False):
                 f"sweep_{label}", config, corpus, tokenizer, cache, study.pretrain, backbone, seed=seed,
                 **study.pretrain_options())
             pretrained[label] = state
-        recs[label] = finetune_and_test(
+        recs[label] = finetune_cmdpi(
             label, config, state, corpus.vocab, abl, suite[abl], abl_seeds, tokenizer, cache, abl_settings,
             out / "runs" / "sweeps", backbone, similarity=similarity_for(label if pretrain else "CMDPI", abl),
             **study.ablation_options())
         sweep_runs.extend(recs[label])
-    table = ablation_table(recs, reference=reference, n_resamples=prof.bootstrap_resamples, seed=seed)
+    table = ablation_table(recs, reference=reference, n_resamples=ctx.profile.bootstrap_resamples, seed=seed)
     table.insert(1, "val acc (best epoch)", [round(sum(r.train.best_metric for r in v) / len(v), 1)
                                              for v in recs.values()])
     sweep_tables[name] = table
@@ -661,7 +690,7 @@ def sweep(name, points, make_config, default=None, pretrain=False):
     return table
 
 
-sweep_note = f"{abl} test · {len(abl_seeds)} seed(s) · {prof.name} profile"
+sweep_note = f"{abl} test · {len(abl_seeds)} seed(s) · {ctx.profile.name} profile"
 if run_sweeps:
     sw, m = study.sweeps, study.model
     t13 = sweep("alpha", sw["alpha"], lambda p: m.replace(alpha=p[0], alpha_prime=p[1]),
@@ -733,7 +762,7 @@ def rate(results):
 
 
 summary = {
-    "profile": prof.name, "real_data": real, "datasets": list(suite), "seeds": list(study.seeds),
+    "profile": ctx.profile.name, "real_data": ctx.real, "datasets": list(suite), "seeds": list(study.seeds),
     "pretrain_rows": len(corpus), "pretrain_samples_per_s": rate(list(pre_results.values())),
     "finetune_questions_per_s": rate([r.train for r in all_ft]),
     "chapter_wall_time_s": round(time.perf_counter() - chapter_start, 1),
@@ -746,11 +775,12 @@ with pd.option_context("display.max_colwidth", 200):
 # %% [markdown]
 # ## Reading the paper: choices this implementation makes
 #
-# Because no code is public, the model module records every place where the text left a
-# choice. Here is that list, read from the module itself so that it cannot drift from the code:
+# Because no code is public, the package records every place where the text left a choice
+# (`medvqa_lib/papers/cmdpi/readings.py`). Here is that list, read from the module itself so
+# that it cannot drift from the code:
 
 # %%
-from medvqa_lib.papers.cmdpi.pipeline import readings_of_the_paper
+from medvqa_lib.papers.cmdpi.readings import readings_of_the_paper
 
 display(Markdown(readings_of_the_paper()))
 
@@ -781,7 +811,7 @@ display(Markdown(readings_of_the_paper()))
 # The numbers of this run, written from the results above:
 
 # %%
-lines = [f"**Profile `{prof.name}`**, {'real data' if real else 'synthetic data'}, "
+lines = [f"**Profile `{ctx.profile.name}`**, {'real data' if ctx.real else 'synthetic data'}, "
          f"{len(study.seeds)} fine-tuning seed(s), chapter wall time {summary['chapter_wall_time_s'] / 60:.1f} min, "
          f"pre-training {summary['pretrain_samples_per_s']} samples/s, fine-tuning "
          f"{summary['finetune_questions_per_s']} questions/s.", ""]

@@ -21,10 +21,12 @@
 # questions. The paper is a recipe more than a model: LoRA on both towers, a two-stage
 # curriculum (SLAKE first), datamixes built from captions by a language model, filtering and
 # *annealing*, an evaluation that admits the weakness of n-gram metrics, and attention
-# saliency as a diagnostic. This chapter runs every step with the library
-# (`medvqa_lib.papers.paligemma.model`, `medvqa_lib.papers.paligemma.pipeline`,
-# `medvqa_lib.papers.paligemma.synthetic_qa`, `medvqa_lib.papers.paligemma.saliency`). Every number below comes from this
-# run; the paper's numbers appear beside ours, labelled *reported*.
+# saliency as a diagnostic. This chapter runs every step with the library package
+# `medvqa_lib.papers.paligemma`: `config` (the plan of each profile), `model` (PaliGemma and
+# LoRA), `losses` (the objective and Eq. 1), `data` (collator and datamixes), `synthetic_qa`
+# (QA from captions), `pipeline` (training and evaluation) and `saliency` (Eq. 2 and rollout).
+# Every number below comes from this run; the paper's numbers appear beside ours, labelled
+# *reported*.
 #
 # **Colab and the gated model.** The `gpu` profile loads `google/paligemma-3b-mix-448`. Accept
 # its licence on the Hugging Face Hub, then either set `HF_TOKEN` (Colab: *Secrets*, then
@@ -42,43 +44,30 @@ if "google.colab" in sys.modules:
                    check=True)
 
 # %% tags=["parameters", "hide-cell"]
-# Parameters (papermill overrides these). Every size knob of the chapter lives here;
-# None keeps the profile's value (see medvqa_lib.papers.paligemma.pipeline.study_plan).
+# Parameters (papermill overrides these). None keeps the plan's value (see
+# medvqa_lib.papers.paligemma.config.PLANS); `overrides` takes any other PaliGemmaStudy field,
+# and `model` a dict of PaliGemmaSpec fields, e.g. {"lr": 1e-4, "model": {"image_size": 224}}.
 profile = "gpu"  # "smoke" (CI), "cpu" (laptop, ~20 min), "gpu" (the paper's model and args)
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR
 seed = 0
 seeds = None  # seeds of Tables 1-2, e.g. [0, 1]
 model_source = None  # gpu: a Hub id or local folder (default google/paligemma-3b-mix-448)
-image_size = None  # tiny model's input size (gpu: 448 or 224, with model_source to match)
 load_in_4bit = None  # gpu: 4-bit loading for a 16 GB GPU (bitsandbytes)
 vision_lora = None  # "equivalent" (o/up/down → out_proj/fc1/fc2) or "literal" (q/k/v only)
-base_epochs = None  # tiny model: full-parameter captioning before LoRA (stand-in pre-training)
 stage1_epochs = None  # SLAKE (the paper: 5)
 stage2_epochs = None  # each datamix
-anneal_epochs = None  # final stage: mix + high-quality set
-lr = None
-batch_size = None
-grad_accum = None
 max_train = None  # cap on training questions per stage
 max_eval = None  # cap on test questions per evaluation
 datamixes = None  # e.g. ["target", "captions-qa", "captions-qa+anneal"]
-anneal_size = None
-scaling_fractions = None  # data volumes of the scaling-law runs, e.g. [0.25, 0.5, 1.0]
-scaling_epochs = None  # epochs of each scaling-law run
-consistency_runs = None  # sampled generations per question (the paper: 5)
+qa_backend = None  # "rule" (offline), "hf:<model>", "openai:<model>@<url>" (ollama: llama3.1)
 adapter_control = None  # tiny model: also fine-tune every weight once (None: on for smoke/cpu)
-qa_backend = "rule"  # "rule" (offline), "hf:<model>", "openai:<model>@<url>" (ollama: llama3.1)
-qa_prompt = "paligemma_qa_caption"  # or "paligemma_qa_conversation"
-saliency_layer = -2  # the penultimate layer, as the paper
-saliency_head = 0
-head_fusion = "mean"  # rollout: "mean", "max" or "min"
-discard_ratio = 0.9
 bootstrap_resamples = None
+overrides = {}  # any other study field (lr, batch_size, scaling_fractions, saliency_layer, ...)
 
 # %%
-from medvqa_lib.notebook import output_dir, setup
+from medvqa_lib.notebook import setup
 
-prof = setup(profile, seed, bootstrap_resamples=bootstrap_resamples)
+ctx = setup(profile, seed, data_dir=data_dir, chapter="paligemma", bootstrap_resamples=bootstrap_resamples)
 
 # %%
 import json
@@ -89,32 +78,31 @@ import pandas as pd
 from IPython.display import display
 
 from medvqa_lib import plots
-from medvqa_lib.data.suite import cap, load_suite
+from medvqa_lib.data.suite import cap, chapter_suite
 from medvqa_lib.io import atomic_write_text
+from medvqa_lib.notebook import show_code
+from medvqa_lib.papers.paligemma import data as pgdata
+from medvqa_lib.papers.paligemma import losses, saliency
+from medvqa_lib.papers.paligemma import model as pgmodel
 from medvqa_lib.papers.paligemma import pipeline as pg
+from medvqa_lib.papers.paligemma.config import study_plan
 from medvqa_lib.papers.paligemma.synthetic_qa import CurationCounts, QAGenerator, anneal_set, curate
 
 plots.use_book_style()
-out = output_dir("paligemma")
-study = pg.study_plan(
-    prof, spec=dict(source=model_source, image_size=image_size, load_in_4bit=load_in_4bit,
-                    vision_lora=vision_lora),
-    seeds=seeds, base_epochs=base_epochs, stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs,
-    anneal_epochs=anneal_epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-    max_train=max_train, max_eval=max_eval, datamixes=datamixes, anneal_size=anneal_size,
-    scaling_fractions=scaling_fractions, scaling_epochs=scaling_epochs,
-    consistency_runs=consistency_runs)
+out = ctx.out_dir
+study = study_plan(ctx.profile, ctx.out_dir, **{
+    "seeds": seeds, "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "max_train": max_train,
+    "max_eval": max_eval, "datamixes": datamixes, "qa_backend": qa_backend, **overrides,
+    "model": {"source": model_source, "load_in_4bit": load_in_4bit, "vision_lora": vision_lora,
+              **overrides.get("model", {})}})
 
-suite = load_suite(prof, data_dir, synthetic=False, seed=seed, verbose=False)
-real = bool(suite)
-if not real:  # the embedded default: synthetic radiology
-    suite = load_suite(prof, None, synthetic=True, seed=seed, verbose=False)
+suite = chapter_suite(ctx)
 stage1_name = "slake" if "slake" in suite else next(iter(suite))
 target_name = "vqa-rad" if "vqa-rad" in suite else next(iter(suite))
 
 
 def sized(name, split, limit):
-    return cap(suite[name][split], limit, seed)
+    return cap(suite[name][split], limit, ctx.seed)
 
 
 stage1 = {s: sized(stage1_name, s, study.max_train if s == "train" else study.max_eval) for s in suite[stage1_name]}
@@ -137,15 +125,16 @@ print(f"stage 1: {stage1_name} · target: {target_name} · "
 # %%
 from medvqa_lib.data.synthetic import load_synthetic_captions
 
-captions = [c for c in load_synthetic_captions(n_images=prof.synthetic_images, image_size=prof.image_size,
-                                               seed=seed) if c.split == "train"]
-generator = QAGenerator(qa_backend, cache_dir=out / "qa_cache", prompt=qa_prompt)
+captions = [c for c in load_synthetic_captions(n_images=ctx.profile.synthetic_images,
+                                               image_size=ctx.profile.image_size, seed=ctx.seed)
+            if c.split == "train"]
+generator = QAGenerator(study.qa_backend, cache_dir=out / "qa_cache", prompt=study.qa_prompt)
 caption_counts, anneal_counts = CurationCounts(), CurationCounts()
 caption_counts.add("training captions", len(captions))
 generated = generator.samples(captions)
-captions_qa = cap(curate(generated, caption_counts), study.max_train, seed)
+captions_qa = cap(curate(generated, caption_counts), study.max_train, ctx.seed)
 caption_counts.add("captions-qa (capped)", len(captions_qa))
-anneal, pathology_freq = anneal_set(target["train"], study.anneal_size, seed=seed, counts=anneal_counts)
+anneal, pathology_freq = anneal_set(target["train"], study.anneal_size, seed=ctx.seed, counts=anneal_counts)
 print(f"QA backend: {generator.backend.name} · malformed pairs rejected: {dict(generator.rejected) or 0}"
       f" · cache hits: {generator.hits}")
 parts = {"target": target["train"], "captions-qa": captions_qa, "anneal": anneal}
@@ -185,29 +174,41 @@ fig.tight_layout()
 #
 # $$\mathcal{L} = -\sum_{t \in \text{answer}} \log p_\theta\big(y_t \mid y_{<t}, \text{image}, \text{prompt}\big).$$
 #
+# In code, the mask is the labels: the model's forward calls `answer_only_loss`, the mean of
+# this sum over the batch's answer tokens; the validation loss of Figures 7–8 is the same sum
+# per question (`answer_token_nll`).
+
+# %%
+show_code(losses.answer_mask, losses.answer_only_loss, losses.answer_token_nll)
+
+# %% [markdown]
 # LoRA replaces each targeted weight $W$ by $W + \tfrac{\alpha}{r} BA$ with $r = 12$,
 # $\alpha = 32$; only $A$ and $B$ train. On `smoke`/`cpu` the model is a tiny PaliGemma built
 # from a config with a tokenizer trained on this run's training text, first trained in full on
 # captions as a stand-in for PaliGemma's pre-training; on `gpu` it is the Hub checkpoint.
+# The adapted modules are named per tower (see the closing notes on SigLIP's names):
+
+# %%
+show_code(pgmodel.lora_target_names, pgmodel.apply_lora)
 
 # %%
 import copy
 
-from medvqa_lib.papers.paligemma.model import lora_target_names
+from medvqa_lib.experiments.images import ImageCache
 
 texts = [f"answer en {s.question}" for s in stage1["train"] + target["train"] + captions_qa] + \
         [str(s.answer) for s in stage1["train"] + target["train"] + captions_qa] + \
         [f"caption en {c.caption}" for c in captions]
-vqa = pg.build_model(study, texts)
-cache = pg.ImageCache(study.spec.image_size)
-base_result = pg.pretrain_base(vqa, captions, study, cache, out / "runs" / "base", seed)
+vqa = pgmodel.build_model(study, texts)
+cache = ImageCache(study.spec.image_size)
+base_result = pg.pretrain_base(vqa, captions, study, cache, study.run_dir("base"), ctx.seed)
 if base_result is not None:
     print("stand-in base pre-training:", base_result.cost_line())
-targets = lora_target_names(vqa.model, study.spec.vision_lora)
+targets = pgmodel.lora_target_names(vqa.model, study.spec.vision_lora)
 if adapter_control is None:
     adapter_control = study.spec.is_tiny
 full_base = copy.deepcopy(vqa) if adapter_control else None  # the base before adapters, for the control
-share = pg.add_adapters(vqa, study)
+share = pgmodel.add_adapters(vqa, study)
 base_adapters = vqa.trainable_state()
 print(f"LoRA r={study.spec.lora_r}, alpha={study.spec.lora_alpha}, vision mapping "
       f"'{study.spec.vision_lora}': {len(targets)} modules · trainable {share['trainable']:,} of "
@@ -223,13 +224,13 @@ pd.DataFrame({"tower": ["vision" if ".vision_tower." in n else "language" for n 
 # answer loss is kept.
 
 # %%
-stage1_ckpt = out / "runs" / "stage1" / "adapters.safetensors"
-pg.reset_adapters(vqa, seed)
+stage1_ckpt = study.run_dir("stage1") / "adapters.safetensors"
+pgmodel.reset_adapters(vqa, ctx.seed)
 stage1_result = pg.train_stage(vqa, stage1["train"], stage1["val"], study, cache, study.stage1_epochs,
-                               out / "runs" / "stage1", seed)
-pg.save_adapters(vqa, stage1_ckpt, {"dataset": stage1_name, "epochs": study.stage1_epochs})
+                               study.run_dir("stage1"), ctx.seed)
+pgmodel.save_adapters(vqa, stage1_ckpt, {"dataset": stage1_name, "epochs": study.stage1_epochs})
 print("stage 1:", stage1_result.cost_line())
-stage1_scored = pg.evaluate(vqa, stage1["test"], cache, study, seed)
+stage1_scored = pg.evaluate(vqa, stage1["test"], cache, study, ctx.seed)
 
 # %% [markdown]
 # ## Stage 2: datamixes, without and with the pre-stage (Tables 1–2)
@@ -245,13 +246,13 @@ stage1_scored = pg.evaluate(vqa, stage1["test"], cache, study, seed)
 records = []
 for prestage in (False, True):
     for mix in study.datamixes:
-        main, extra = pg.load_datamix(mix, parts, study.max_train)
+        main, extra = pgdata.load_datamix(mix, parts, study.max_train)
         for s in study.seeds:
             vqa.load_state_dict(base_adapters, strict=False)
-            pg.reset_adapters(vqa, s)
+            pgmodel.reset_adapters(vqa, s)
             if prestage:
-                pg.load_adapters(vqa, stage1_ckpt)
-            run_dir = out / "runs" / f"{'pre' if prestage else 'nopre'}_{mix}_seed{s}"
+                pgmodel.load_adapters(vqa, stage1_ckpt)
+            run_dir = study.run_dir(f"{'pre' if prestage else 'nopre'}_{mix}_seed{s}")
             result = pg.train_stage(vqa, main, target["val"], study, cache, study.stage2_epochs, run_dir, s)
             history = [dict(h, stage="main") for h in result.history]
             if extra and study.anneal_epochs:
@@ -293,15 +294,13 @@ print("REPORTED, the paper's Table 2 (with pre-stage): SLAKE accuracy 68/100; PM
 
 # %%
 from medvqa_lib.evaluation import QuestionOnlyPrior, score_predictions
-from medvqa_lib.experiments.tables import seed_mean_scores
+from medvqa_lib.experiments.run_store import save_runs
+from medvqa_lib.experiments.runs import RunRecord
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
 
-
-class _Run:  # seed_mean_scores reads .scored
-    def __init__(self, scored):
-        self.scored = scored
-
-
-best = [_Run(r["scored"]) for r in records if r["prestage"] and r["mix"] == study.datamixes[0]]
+# the runs the comparison chapter reads: the target set with the pre-stage, and the stage-1 set
+best = [RunRecord("PaliGemma-LoRA", target_name, r["seed"], r["scored"], r["result"])
+        for r in records if r["prestage"] and r["mix"] == study.datamixes[0]]
 model_scored = {target_name: seed_mean_scores(best)}
 prior_scored = {target_name: score_predictions(
     target["test"], QuestionOnlyPrior().fit(target["train"]).predict(target["test"]))}
@@ -309,19 +308,12 @@ if stage1_name != target_name:
     model_scored[stage1_name] = stage1_scored
     prior_scored[stage1_name] = score_predictions(
         stage1["test"], QuestionOnlyPrior().fit(stage1["train"]).predict(stage1["test"]))
-vs_prior = pg.compare_to_prior(model_scored, prior_scored, n_resamples=prof.bootstrap_resamples, seed=seed)
+vs_prior = compare_to_prior(model_scored, prior_scored, n_resamples=ctx.profile.bootstrap_resamples,
+                            seed=ctx.seed, label="PaliGemma")
 atomic_write_text(out / "paligemma_vs_prior.csv", vs_prior.to_csv())
-# the runs the comparison chapter reads: the target set with the pre-stage, and the stage-1 set
-from types import SimpleNamespace
-
-from medvqa_lib.experiments.run_store import save_runs
-
-stored = [SimpleNamespace(label="PaliGemma-LoRA", dataset=target_name, seed=r["seed"], scored=r["scored"],
-                          train=r["result"])
-          for r in records if r["prestage"] and r["mix"] == study.datamixes[0]]
+stored = list(best)
 if stage1_name != target_name:
-    stored.append(SimpleNamespace(label="PaliGemma-LoRA", dataset=stage1_name, seed=seed, scored=stage1_scored,
-                                  train=stage1_result))
+    stored.append(RunRecord("PaliGemma-LoRA", stage1_name, ctx.seed, stage1_scored, stage1_result))
 save_runs("PaliGemma-LoRA", stored, out / "main_runs.csv",
           {s.qid: s for part in (stage1, target) for s in part["test"]})
 vs_prior
@@ -340,13 +332,14 @@ vs_prior
 # %%
 full_result = None
 if full_base is not None:
-    main, _ = pg.load_datamix(study.datamixes[0], parts, study.max_train)
+    main, _ = pgdata.load_datamix(study.datamixes[0], parts, study.max_train)
     full_result = pg.train_stage(full_base, main, target["val"], study, cache, study.stage2_epochs,
-                                 out / "runs" / "full_control", seed)
-    full_scored = pg.evaluate(full_base, target["test"], cache, study, seed)
-    lora_runs = [_Run(r["scored"]) for r in records if not r["prestage"] and r["mix"] == study.datamixes[0]]
+                                 study.run_dir("full_control"), ctx.seed)
+    full_scored = pg.evaluate(full_base, target["test"], cache, study, ctx.seed)
+    lora_runs = [RunRecord("PaliGemma-LoRA", target_name, r["seed"], r["scored"], r["result"])
+                 for r in records if not r["prestage"] and r["mix"] == study.datamixes[0]]
     control = pg.adapter_control(full_scored, seed_mean_scores(lora_runs), prior_scored[target_name],
-                                 n_resamples=prof.bootstrap_resamples, seed=seed)
+                                 n_resamples=ctx.profile.bootstrap_resamples, seed=ctx.seed)
     atomic_write_text(out / "adapter_control.csv", control.to_csv())
     print(f"full fine-tuning on {target_name}:", full_result.cost_line())
     del full_base
@@ -360,26 +353,30 @@ if full_base is not None:
 # with $X$ the epochs and $D_f$ the fine-tuning data volume (here answer tokens). The points
 # are validation answer losses per epoch of runs on growing shares of the first datamix (from
 # the stage-1 adapters, first seed); Figures 7–8 split the loss into open and closed questions.
+# The four parameters are fitted by least squares, which needs at least five points:
+
+# %%
+show_code(losses.scaling_law, losses.fit_scaling_law)
 
 # %%
 tok = vqa.processor.tokenizer
-main, _ = pg.load_datamix(study.datamixes[0], parts, study.max_train)
+main, _ = pgdata.load_datamix(study.datamixes[0], parts, study.max_train)
 points = []
 for frac in study.scaling_fractions:
     share_n = max(1, round(frac * len(main)))
-    subset = cap(main, share_n, seed)
+    subset = cap(main, share_n, ctx.seed)
     n_tokens = sum(len(tok(str(s.answer), add_special_tokens=False)["input_ids"]) + 1 for s in subset)
     vqa.load_state_dict(base_adapters, strict=False)
-    pg.load_adapters(vqa, stage1_ckpt)
+    pgmodel.load_adapters(vqa, stage1_ckpt)
     res = pg.train_stage(vqa, subset, target["val"], study, cache, study.scaling_epochs,
-                         out / "runs" / f"scaling_{frac:g}", seed)
+                         study.run_dir(f"scaling_{frac:g}"), ctx.seed)
     points += [{"fraction": frac, "tokens": n_tokens, **h} for h in res.history]
 points = pd.DataFrame(points)
 atomic_write_text(out / "scaling_points.csv", points.to_csv(index=False))
 fits = {}
 for col in ("val_loss", "val_loss_open", "val_loss_closed"):
     try:
-        fits[col] = pg.fit_scaling_law(points, loss=col)
+        fits[col] = losses.fit_scaling_law(points, loss=col)
     except (ValueError, RuntimeError) as e:
         fits[col] = {"error": str(e)[:80]}
 fit_table = pd.DataFrame(fits).T
@@ -393,8 +390,8 @@ for ax, col, title in ((axes[0], "val_loss_open", "open questions (Fig. 7)"),
         if "A" in fits.get(col, {}) and fits[col]["A"] == fits[col]["A"]:
             f = fits[col]
             xs = np.linspace(part["epoch"].min(), part["epoch"].max(), 50)
-            ax.plot(xs, pg.eq1(np.vstack([xs, np.full_like(xs, part["tokens"].iloc[0])]),
-                               f["A"], f["alpha"], f["beta"], f["E"]), "--", color="grey")
+            ax.plot(xs, losses.scaling_law(np.vstack([xs, np.full_like(xs, part["tokens"].iloc[0])]),
+                                          f["A"], f["alpha"], f["beta"], f["E"]), "--", color="grey")
     ax.set(title=title, xlabel="epoch", ylabel="validation answer loss")
     ax.legend(fontsize=8)
 fig.tight_layout()
@@ -402,25 +399,45 @@ fig.tight_layout()
 # %% [markdown]
 # ## Saliency (Section 6)
 #
-# Raw attention: one head of the penultimate language-model layer, queries from the response
-# tokens, keys on the image patches, averaged over the response (Figure 10); then the patch
-# with the highest value, and how strongly each response token attends to it, the top 7
-# underlined (Figure 11 — in a decoder a patch cannot attend to later tokens, so this is read
-# from the patch's column). Attention rollout over all layers with head fusion and a discard
-# ratio (Figure 14). All maps use the model's own patch grid, computed from its config.
-# `pg.saliency_for(vqa, image, question)` gives the same for any image and question.
+# Raw attention (Eq. 2 of the paper) is the attention probability matrix of one head,
+#
+# $$A = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right),$$
+#
+# read with the queries of the response tokens and the keys of the image patches, averaged over
+# the response (Figure 10), or with one image patch and the response tokens (Figure 11). Here
+# the head is one head of the penultimate language-model layer; the patch is the one with the
+# highest value, and the response tokens that attend to it most, the top 7, are underlined
+# (in a decoder a patch cannot attend to later tokens, so Figure 11 is read from the patch's
+# column):
+
+# %%
+show_code(saliency.raw_attention_map, saliency.patch_to_tokens)
+
+# %% [markdown]
+# Attention rollout (Figure 14) follows the attention through all layers: per layer the heads
+# are fused (mean, max or min), the weakest share of entries is discarded, the identity is
+# added for the residual path and the rows renormalised, $\hat A_l = \operatorname{norm}(A_l + I)$,
+# and the layers multiply, $R = \hat A_L \cdots \hat A_1$:
+
+# %%
+show_code(saliency.rollout)
+
+# %% [markdown]
+# All maps use the model's own patch grid, computed from its config.
+# `saliency.saliency_for(vqa, image, question)` gives the three for any image and question.
 
 # %%
 examples = target["test"][:3]
 fig, axes = plt.subplots(len(examples), 3, figsize=(10, 3.3 * len(examples)), squeeze=False)
 for row, sample in zip(axes, examples, strict=True):
-    image = cache.get(sample)
-    sal = pg.saliency_for(vqa, image, sample.question, layer=saliency_layer, head=saliency_head,
-                          head_fusion=head_fusion, discard_ratio=discard_ratio)
+    image = cache.pil(sample)
+    sal = saliency.saliency_for(vqa, image, sample.question, layer=study.saliency_layer,
+                                head=study.saliency_head, head_fusion=study.head_fusion,
+                                discard_ratio=study.discard_ratio)
     row[0].imshow(image)
     row[0].set_title(f"Q: {sample.question[:40]}\nA: {sample.answer} · pred: {sal.answer}", fontsize=8)
     for ax, grid_map, title in ((row[1], sal.raw_map, f"raw: layer {sal.layer}, head {sal.head}"),
-                                (row[2], sal.rollout_map, f"rollout ({head_fusion}, discard {discard_ratio})")):
+                                (row[2], sal.rollout_map, f"rollout ({study.head_fusion}, discard {study.discard_ratio})")):
         ax.imshow(image)
         ax.imshow(grid_map.numpy(), cmap="jet", alpha=0.5, extent=(0, image.width, image.height, 0))
         ax.set_title(f"{title}\n{grid_map.shape[0]}×{grid_map.shape[1]} patches", fontsize=8)
@@ -441,7 +458,7 @@ cost = pd.DataFrame([{"run": f"{'pre' if r['prestage'] else 'no pre'} · {r['mix
                     + ([{"run": "full fine-tuning control", "line": full_result.cost_line()}] if full_result else []))
 atomic_write_text(out / "cost.csv", cost.to_csv(index=False))
 all_runs = [r["result"] for r in records] + [stage1_result]
-summary = {"profile": prof.name, "real_data": real, "stage1": stage1_name, "target": target_name,
+summary = {"profile": ctx.profile.name, "real_data": ctx.real, "stage1": stage1_name, "target": target_name,
            "train_samples_per_s": round(sum(r.samples_per_s * r.time_s for r in all_runs)
                                         / max(sum(r.time_s for r in all_runs), 1e-9), 2),
            "trainable_share_pct": round(share["share_pct"], 3)}

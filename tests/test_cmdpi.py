@@ -11,36 +11,40 @@ from transformers import BertConfig
 from medvqa_lib import text
 from medvqa_lib.errors import DataError
 from medvqa_lib.evaluation import exact_match
+from medvqa_lib.nn import SpecialIds, itc_loss, patchify, random_patch_mask
+from medvqa_lib.papers.cmdpi import config as cc
+from medvqa_lib.papers.cmdpi import losses
 from medvqa_lib.papers.cmdpi import model as cm
-from medvqa_lib.nn import SpecialIds, itc_loss
-from medvqa_lib.papers.cmdpi.model import (
-    CMDPI,
+from medvqa_lib.papers.cmdpi.answers import (
+    answer_coverage,
+    build_answer_vocab,
+    load_pretrained_for_finetune,
+    remap_answer_head,
+)
+from medvqa_lib.papers.cmdpi.config import CMDPIConfig
+from medvqa_lib.papers.cmdpi.data import (
     CMDPICollator,
-    CMDPIConfig,
     CMDPIPretrainCollator,
     CMDPIVQADataset,
-    SimilarImages,
-    answer_coverage,
+    predict_samples,
+)
+from medvqa_lib.papers.cmdpi.losses import (
     answer_loss,
-    build_answer_vocab,
-    build_cmdpi,
-    build_similar_images,
     contra_loss,
     contrastive_loss,
     deviate_features,
+    difference_reconstruction_loss,
+    finetune_loss,
     head_mixup,
     image_rec_loss,
-    load_pretrained_for_finetune,
     mixup_partners,
-    patchify,
-    predict_samples,
-    random_patch_mask,
-    remap_answer_head,
+    reconstruction_loss,
     sample_lambda,
-    similar_pairs,
     soft_cross_entropy,
     text_rec_loss,
 )
+from medvqa_lib.papers.cmdpi.model import CMDPI, build_cmdpi
+from medvqa_lib.papers.cmdpi.similar import SimilarImages, build_similar_images, similar_pairs
 
 pytestmark = pytest.mark.skipif(text.minilm_dir() is None, reason="the WordPiece vocabulary ships with MiniLM")
 
@@ -99,13 +103,13 @@ def momentum_param(name: str) -> bool:
 def test_profiles_and_validation():
     smoke, cpu, gpu = (CMDPIConfig.from_profile(p) for p in ("smoke", "cpu", "gpu"))
     assert (smoke.image_size, smoke.text_backbone, smoke.dim) == (64, "tiny", 128)
-    assert (cpu.text_backbone, cpu.image_size, cpu.dim, cpu.rec_depth) == ("minilm", 128, 192, 4)
+    assert (cpu.text_backbone, cpu.image_size, cpu.dim, cpu.rec_depth) == ("minilm", 96, 192, 4)
     assert (gpu.image_size, gpu.dim, gpu.rec_depth, gpu.vit_pretrained) == (
         224, 512, 4, "vit_base_patch16_clip_224.openai")
     for c in (smoke, cpu, gpu):  # the paper's hyper-parameters in every profile
         assert (c.alpha, c.alpha_prime, c.sim_threshold, c.mix_lambda) == (0.5, 1.0, 0.75, "uniform")
         assert (c.w_img, c.w_txt, c.w_ans, c.w_mix, c.w_diff) == (1, 1, 1, 1, 1)
-    assert cm.PAPER_TRAINING["finetune_lr"] == 7.5e-6 and cm.PAPER_TRAINING["batch_size"] == 32
+    assert cc.PAPER_TRAINING["finetune_lr"] == 7.5e-6 and cc.PAPER_TRAINING["batch_size"] == 32
     with pytest.raises(ValueError, match="mix_lambda"):
         CMDPIConfig(mix_lambda="gauss")
     with pytest.raises(ValueError, match="image_mask_ratio"):
@@ -131,13 +135,13 @@ def test_patchify_is_row_major_like_the_vit():
 
 def test_random_patch_mask_ratio():
     torch.manual_seed(0)
-    masked, keep = random_patch_mask(5, 16, 0.75)
+    keep, masked = random_patch_mask(5, 16, 0.75)
     assert masked.sum(1).tolist() == [12] * 5 and keep.shape == (5, 4)
     for row_mask, row_keep in zip(masked, keep, strict=True):
         assert not row_mask[row_keep].any() and sorted(row_keep.tolist()) == row_keep.tolist()
-    masked, keep = random_patch_mask(2, 10, 0.15)
+    keep, masked = random_patch_mask(2, 10, 0.15)
     assert masked.sum(1).tolist() == [2, 2]  # round(1.5)
-    masked, keep = random_patch_mask(2, 4, 0.0)
+    keep, masked = random_patch_mask(2, 4, 0.0)
     assert not masked.any() and keep.tolist() == [[0, 1, 2, 3]] * 2
 
 
@@ -260,6 +264,17 @@ def test_soft_cross_entropy_by_hand():
         F.cross_entropy(x, torch.tensor([2])).item())
 
 
+def test_the_sums_of_eqs_5_10_and_13_by_hand():
+    l_img, l_txt, l_ans = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
+    assert reconstruction_loss(l_img, l_txt, l_ans).item() == 10.0  # L_rec = L_img + L_txt + L_ans
+    assert reconstruction_loss(l_img, l_txt, l_ans, 0.5, 1.0, 0.5).item() == 1.0 + 3.0 + 2.5  # Table 3
+    assert difference_reconstruction_loss(l_img, l_txt).item() == 5.0  # L_diff = L_img^d + L_txt^d
+    assert finetune_loss(l_ans, l_img).item() == 7.0  # L_ft = L_mix + L_diff
+    assert finetune_loss(l_ans, l_img, w_mix=0.5, w_diff=1.0).item() == 4.5  # Table 4
+    assert finetune_loss(l_ans).item() == 5.0  # without difference reconstruction
+    assert finetune_loss(torch.zeros((), dtype=torch.bfloat16)).dtype == torch.float32
+
+
 def test_similar_pairs_respect_the_threshold_and_exclude_self():
     feats = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [2.0, 0.0]])  # cos: 0-1 .8, 0-3 1, 1-2 .6
     assert similar_pairs(feats, 0.75) == [[1, 3], [0, 3], [], [0, 1]]
@@ -371,7 +386,7 @@ def test_masked_positions_are_the_ones_scored(tok, monkeypatch):
     batch = pretrain_batch(tok)
     torch.manual_seed(3)
     m(batch)
-    masked, keep = record["random_patch_mask"]
+    keep, masked = record["random_patch_mask"]
     assert masked.sum().item() == 4 * N_PATCHES // 2
     _, labels = record["mask_tokens"]
     n_txt = int((labels[:, 1:] != -100).sum())
@@ -502,17 +517,17 @@ def test_difference_reconstruction_touches_only_the_current_sample(tok):
     rows = []
     m.ffn_i.register_forward_hook(lambda _m, a, _o: rows.append(a[0]))
     captured = {}
-    real = cm.image_rec_loss
+    real = losses.image_rec_loss
 
     def spy(pred, target, *a, **k):
         captured["target"] = target
         return real(pred, target, *a, **k)
 
-    cm.image_rec_loss = spy
+    losses.image_rec_loss = spy
     try:
         m.set_stage("finetune")(b)
     finally:
-        cm.image_rec_loss = real
+        losses.image_rec_loss = real
     assert [r.shape[:2] for r in rows] == [(4, N_PATCHES)]
     assert torch.equal(captured["target"], patchify(b["images"], 8))
 
@@ -541,7 +556,7 @@ def test_finetune_ablations_and_fixed_lambda(tok):
 def test_head_mixup_in_the_forward_mixes_same_group_partners(tok, monkeypatch):
     m = small(tok, mix_lambda="fixed", mix_fixed=0.25).set_stage("finetune").eval()
     seen = {}
-    real = cm.head_mixup
+    real = losses.head_mixup
 
     def spy(heads, labels, partner, lam, k):
         seen.update(partner=partner, lam=lam)
@@ -549,7 +564,7 @@ def test_head_mixup_in_the_forward_mixes_same_group_partners(tok, monkeypatch):
         seen["target"] = out[1]
         return out
 
-    monkeypatch.setattr(cm, "head_mixup", spy)
+    monkeypatch.setattr(losses, "head_mixup", spy)
     b = finetune_batch(tok)
     m(b)
     assert seen["partner"].tolist() == [2, 1, 0, 3]  # rows 0 and 2 share (chest, abnormality)

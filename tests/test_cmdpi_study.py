@@ -1,7 +1,10 @@
 """The CMDPI chapter's experiment helpers: plans, corpus routing, unseen answers, selection on
-validation data, ablation tables, case study, and a tiny pre-train → fine-tune → test run."""
+validation data, ablation tables, case study, a tiny pre-train → fine-tune → test run, and the
+package's imports."""
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,29 +14,27 @@ import torch
 from medvqa_lib.config import get_profile
 from medvqa_lib.data.schema import VQASample
 from medvqa_lib.data.synthetic import load_synthetic_vqa
-from medvqa_lib.errors import DataError
+from medvqa_lib.errors import ConfigError, DataError
 from medvqa_lib.evaluation import normalize_answer
-from medvqa_lib.papers.cmdpi.pipeline import (
+from medvqa_lib.experiments.generative import validation_fn
+from medvqa_lib.experiments.images import ImageCache
+from medvqa_lib.experiments.tables import ablation_table, compare_to_prior, seed_mean_scores
+from medvqa_lib.papers.cmdpi.analysis import case_study, implied_overall, per_group, unseen_answers
+from medvqa_lib.papers.cmdpi.config import (
     CPU_SECONDS_PER_1000,
     FINETUNE_VARIANTS,
     PRETRAIN_VARIANTS,
-    CMDPIRun,
-    SimilarityIndex,
-    ablation_table,
-    case_study,
-    compare_with_prior,
     estimate_seconds,
-    finetune_and_test,
-    implied_overall,
-    per_group,
+    study_plan,
+)
+from medvqa_lib.papers.cmdpi.pipeline import (
+    CMDPIRun,
+    finetune_cmdpi,
     pretrain_variant,
     pretraining_corpus,
-    readings_of_the_paper,
-    study_plan,
-    unseen_answers,
-    validation_fn,
 )
-from medvqa_lib.experiments.generative import ImageCache
+from medvqa_lib.papers.cmdpi.readings import readings_of_the_paper
+from medvqa_lib.papers.cmdpi.similar import SimilarityIndex
 from medvqa_lib.text import minilm_dir
 
 SYN = dict(n_images=30, image_size=64, seed=0)
@@ -99,7 +100,7 @@ def test_cpu_plan_main_results_and_ablations_fit_25_minutes_at_the_measured_spee
 
 
 def test_variant_switches_are_model_fields():
-    from medvqa_lib.papers.cmdpi.model import CMDPIConfig
+    from medvqa_lib.papers.cmdpi.config import CMDPIConfig
 
     base = CMDPIConfig.from_profile("smoke")
     for switches in [*PRETRAIN_VARIANTS.values(), *FINETUNE_VARIANTS.values()]:
@@ -128,7 +129,7 @@ def test_pretraining_corpus_uses_training_questions_only_and_routes_them(tmp_pat
 
 @needs_vocab
 def test_corpus_rows_reach_the_collator_as_captions_and_answered_questions(tmp_path):
-    from medvqa_lib.papers.cmdpi.model import CMDPIPretrainCollator
+    from medvqa_lib.papers.cmdpi.data import CMDPIPretrainCollator
     from medvqa_lib.text import select_text_backbone
 
     prof = get_profile("smoke")
@@ -157,11 +158,11 @@ def test_unseen_answers_measure_the_heads_ceiling():
         unseen_answers({"d": {"train": test, "val": [], "test": test}})
 
 
-def test_compare_with_prior_averages_seeds_and_names_cmdpi():
+def test_compare_to_prior_averages_seeds_and_names_cmdpi():
     types = ["closed"] * 40 + ["open"] * 40
     runs = [_run("CMDPI", [True] * 80, types, seed=0), _run("CMDPI", [True] * 40 + [False] * 40, types, seed=1)]
     prior = _run("prior", [i % 2 == 0 for i in range(80)], types).scored
-    table = compare_with_prior(runs, {"d": prior}, n_resamples=300)
+    table = compare_to_prior({"d": seed_mean_scores(runs)}, {"d": prior}, n_resamples=300, label="CMDPI")
     assert "CMDPI − prior (pp)" in table and "MISS − prior (pp)" not in table
     assert table.loc[("d", "closed"), "CMDPI − prior (pp)"] == 50.0 and table.loc[("d", "closed"), "supported"]
     assert table.loc[("d", "open"), "CMDPI − prior (pp)"] == 0.0  # (1 + 0) / 2 per question vs 0.5 on average
@@ -205,7 +206,7 @@ def test_implied_overall_and_the_papers_vqa_rad_row():
     assert round(implied_overall(85.7, 74.3, 272, 179), 1) == 81.2  # the paper reports 78.7
 
 
-def test_readings_come_from_the_model_docstring():
+def test_readings_come_from_the_readings_module():
     text = readings_of_the_paper()
     assert text.startswith("There is no public code") and "**One width d.**" in text
     assert "Readings of the paper" not in text
@@ -216,7 +217,7 @@ def test_readings_come_from_the_model_docstring():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from medvqa_lib.papers.cmdpi.model import CMDPIConfig
+    from medvqa_lib.papers.cmdpi.config import CMDPIConfig
     from medvqa_lib.text import select_text_backbone
 
     if minilm_dir() is None:
@@ -233,8 +234,8 @@ def test_validation_fn_refuses_test_questions(tiny):
     backbone, _, splits, cache = tiny
     settings = study_plan(get_profile("smoke"), "unused").finetune
     with pytest.raises(DataError):
-        validation_fn(splits["test"], backbone.tokenizer, cache, settings)
-    assert validation_fn(splits["val"], backbone.tokenizer, cache, settings).split == "val"
+        validation_fn(None, splits["test"], backbone.tokenizer, cache, settings, answer=lambda m, qs: {})
+    assert validation_fn(None, splits["val"], backbone.tokenizer, cache, settings).split == "val"
 
 
 def test_similarity_index_uses_training_images_and_thresholds_them(tiny):
@@ -262,7 +263,7 @@ def test_pretrain_then_finetune_selects_on_validation_and_answers_test_once(tiny
     state, result = pretrain_variant("CMDPI", config, corpus, backbone.tokenizer, cache, plan.pretrain, backbone)
     assert result.steps == 1 and not any("_encoder_m." in k for k in state)
     assert not (result.out_dir / "best").exists()  # checkpoints are cleaned unless kept
-    runs = finetune_and_test("CMDPI", config, state, corpus.vocab, "synthetic", splits, [0], backbone.tokenizer,
+    runs = finetune_cmdpi("CMDPI", config, state, corpus.vocab, "synthetic", splits, [0], backbone.tokenizer,
                              cache, plan.finetune, tmp_path / "ft", backbone, heads_for=splits["test"][:5],
                              verbose=False)
     (run,) = runs
@@ -273,17 +274,22 @@ def test_pretrain_then_finetune_selects_on_validation_and_answers_test_once(tiny
     assert all(p in vocab_answers for p in run.predictions.values())  # the head knows training answers only
     assert run.heads.shape == (5, config.dim) and np.isfinite(run.heads).all()
     assert run.answers == len(vocab_answers) and 0 <= run.similar_share <= 1
-    no_pre = finetune_and_test("w/o", config.replace(difference_reconstruction=False), None, None, "synthetic", splits,
+    no_pre = finetune_cmdpi("w/o", config.replace(difference_reconstruction=False), None, None, "synthetic", splits,
                                [0], backbone.tokenizer, cache, plan.finetune, tmp_path / "ft", backbone, verbose=False)
     assert no_pre[0].answer_rows == 0 and np.isnan(no_pre[0].similar_share)
 
 
+def _every_ablation(plan, **changes):
+    """All pre-training ablations, each on every training question (None cannot be passed
+    through study_plan, which keeps the plan's value for None)."""
+    return replace(plan, pretrain_ablations=None, ablation_max_train=None, **changes)
+
+
 def test_ablation_epochs_change_only_the_ablation_schedule(tmp_path):
-    every = dict(pretrain_ablations=None, ablation_max_train=None)
-    plan = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=1, **every)
+    plan = _every_ablation(study_plan(get_profile("cpu"), tmp_path, ablation_epochs=1))
     assert plan.ablation_settings("slake").epochs == 1
     assert plan.finetune_settings("slake").epochs == plan.epochs_for("slake") == 2
-    same = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=None, **every)
+    same = _every_ablation(study_plan(get_profile("cpu"), tmp_path), ablation_epochs=None)
     assert same.ablation_settings("vqa-rad").epochs == same.epochs_for("vqa-rad")
     sizes = {"slake": {"train": 1000, "val": 100, "test": 100}}
     speed = {"pretrain": 40.0, "finetune": 12.0, "predict": 3.0}
@@ -292,7 +298,7 @@ def test_ablation_epochs_change_only_the_ablation_schedule(tmp_path):
     # 1 epoch: 8 variants + the full model again at the ablation schedule = 9 runs
     assert estimate_seconds(plan, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(9 * 12.6)
     # 2 epochs = SLAKE's main schedule: the main run is reused, 8 runs
-    two = study_plan(get_profile("cpu"), tmp_path, ablation_epochs=2, **every)
+    two = _every_ablation(study_plan(get_profile("cpu"), tmp_path, ablation_epochs=2))
     assert two.ablation_matches_main("slake")
     assert estimate_seconds(two, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(8 * 24.9)
 
@@ -312,3 +318,34 @@ def test_ablation_subset_and_training_cap(tmp_path):
     assert estimate_seconds(plan, sizes, 10, speed=speed)["ablations"] - pre == pytest.approx(5 * 12.9)
     with pytest.raises(ValueError, match="unknown pre-training ablations"):
         study_plan(get_profile("cpu"), tmp_path, pretrain_ablations=["w/o everything"])
+
+
+# ----------------------------------------------------------------------------- study_plan and imports
+
+
+def test_study_plan_drops_none_and_names_the_valid_keys(tmp_path):
+    prof = get_profile("cpu")
+    plan = study_plan(prof, tmp_path)
+    given = study_plan(prof, tmp_path, captions=None, max_train=None, ablation_epochs=None, seeds=None,
+                       model={"dim": None, "image_size": None}, finetune={"lr": None}, sweeps=None)
+    assert given == plan  # None keeps every value of the plan, at both levels
+    assert plan.model.image_size == 96  # the one cpu image size, in PLANS
+    assert study_plan(prof, tmp_path, pretrain_ablations="all").pretrain_ablations is None
+    for bad, words in (({"epochs": 3}, "study parameter(s) 'epochs'; valid ones are: ablation_dataset"),
+                       ({"model": {"width": 3}}, "model parameter(s) 'width'; valid ones are: alpha"),
+                       ({"finetune": {"learning_rate": 1}}, "finetune setting(s) 'learning_rate'; valid ones"),
+                       ({"sweeps": {"gamma": [1]}}, "sweep(s) 'gamma'; valid ones are: alpha, beta")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            study_plan(prof, tmp_path, **bad)
+
+
+def test_the_package_imports_no_other_paper_package():
+    package = Path(__file__).resolve().parent.parent / "medvqa_lib" / "papers" / "cmdpi"
+    others = ("miss", "m2i2", "paligemma", "comparison")
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                assert not any(name.startswith(f"medvqa_lib.papers.{o}") for o in others), (path.name, name)
+                assert not name.startswith("medvqa_lib.reproduce"), (path.name, name)

@@ -1,4 +1,4 @@
-"""M2I2: patch masking, the MIM loss, decoder initialisation, rank mode and the shared recipes."""
+"""M2I2: patch masking, the losses (Eqs. 1-5), decoder initialisation, rank mode and the shared recipes."""
 
 import math
 
@@ -11,20 +11,22 @@ from medvqa_lib import text
 from medvqa_lib.config import get_profile
 from medvqa_lib.errors import ConfigError, DataError
 from medvqa_lib.evaluation import normalize_answer
-from medvqa_lib.nn import SpecialIds, interpolate_pos_embed
-from medvqa_lib.papers.m2i2.model import (
-    M2I2,
-    M2I2Config,
-    build_m2i2,
-    candidate_answers,
-    load_pretrained_for_finetune,
+from medvqa_lib.nn import (
+    SpecialIds,
+    interpolate_pos_embed,
     masked_count,
-    mim_loss,
     patchify,
-    predict_ranked,
     random_patch_mask,
-    rank_answers,
     unpatchify,
+)
+from medvqa_lib.papers.m2i2 import losses
+from medvqa_lib.papers.m2i2.config import M2I2Config
+from medvqa_lib.papers.m2i2.losses import mim_loss
+from medvqa_lib.papers.m2i2.model import M2I2, build_m2i2, load_pretrained_for_finetune
+from medvqa_lib.papers.m2i2.rank import (
+    candidate_answers,
+    predict_ranked,
+    rank_answers,
     with_test_answers,
 )
 from medvqa_lib.training import seed_everything
@@ -88,12 +90,14 @@ def test_profiles():
     assert (gpu.mae_depth, gpu.mae_width, gpu.queue_size, gpu.embed_dim, gpu.temp) == (8, 512, 65535, 256, 0.07)
     assert gpu.text_backbone == "bert-base-uncased" and gpu.mask_ratio == gpu.mlm_probability == 0.15
     assert cpu.use_mim and cpu.use_itc and not cpu.shared_masked_pass and not cpu.norm_pix_loss
-    # a Profile: its text backbone; its image size only where it was overridden
+    # a Profile brings its text backbone; the model's image size is the plan's, never the
+    # profile's (that one sizes the synthetic images only)
     assert M2I2Config.from_profile(get_profile("gpu")).image_size == 256
-    assert M2I2Config.from_profile(get_profile("cpu", image_size=96)).image_size == 96
+    assert M2I2Config.from_profile(get_profile("gpu")).text_backbone == get_profile("gpu").text_backbone
+    assert M2I2Config.from_profile(get_profile("cpu", image_size=64)).image_size == cpu.image_size == 96
     with pytest.raises(ValueError, match="mask_ratio"):
         M2I2Config(mask_ratio=0.0)
-    with pytest.raises(ValueError, match="unknown profile"):
+    with pytest.raises(ConfigError, match="unknown profile 'tpu'; choose one of smoke, cpu, gpu"):
         M2I2Config.from_profile("tpu")
 
 
@@ -108,6 +112,10 @@ def test_patch_masking_ratio_and_complement():
     visible = torch.zeros_like(mask).scatter(1, keep, True)
     assert torch.equal(visible, ~mask)  # keep and mask partition the patches
     assert len({tuple(r) for r in mask.int().tolist()}) == 5  # each image its own draw
+    # MAE's convention: the N - n patches with the lowest noise stay visible
+    noise = torch.rand(5, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(keep, noise.argsort(1)[:, :54].sort(1).values)
+    assert bool((noise.masked_fill(mask, -1.0).amax(1) < noise.masked_fill(~mask, 2.0).amin(1)).all())
     assert [masked_count(16, r) for r in (0.0, 0.01, 0.15, 0.5, 0.99)] == [0, 1, 2, 8, 15]
 
 
@@ -144,6 +152,38 @@ def test_mim_loss_hand_checked():
     # a perfect prediction of the normalised patch scores 0
     perfect = torch.tensor([[[0.0, 0.0], [-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]]]) / math.sqrt(2 + 1e-6)
     assert mim_loss(perfect, target, mask, norm_pix=True).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_mlm_itm_total_and_answer_losses_hand_checked():
+    # Eq. 2 / Eq. 3: mean cross-entropy; two rows with p(correct) = 1/2 and 1/4
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]]))
+    expected = (math.log(2) + math.log(4)) / 2
+    assert losses.mlm_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(expected)
+    assert losses.itm_loss(logits[:, :2].log_softmax(-1), torch.tensor([1, 0])).item() == pytest.approx(
+        (math.log(3) + math.log(2)) / 2)  # softmax of [1/2, 1/4] -> [2/3, 1/3]; of [1/4, 1/4] -> 1/2
+    # Eq. 4: the plain sum of the terms present
+    terms = {"loss_mim": torch.tensor(0.5), "loss_itc": torch.tensor(2.0), "loss_itm": torch.tensor(0.25)}
+    assert losses.pretraining_loss(terms).item() == 2.75
+    # Eq. 5: summed over an answer's tokens, averaged over the answers: three tokens of two answers
+    ll = losses.answer_loss(logits[[0, 1, 0]], torch.tensor([0, 2, 1]), batch_size=2)
+    assert ll.item() == pytest.approx((math.log(2) + math.log(2) + math.log(4)) / 2)
+
+
+def test_the_model_calls_the_paper_losses(tok, monkeypatch):
+    import medvqa_lib.papers.m2i2.model as model_module
+
+    called: list[str] = []
+    for name in ("mim_loss", "mlm_loss", "itm_loss", "itc_loss", "pretraining_loss", "answer_loss"):
+        fn = getattr(losses, name)
+        monkeypatch.setattr(model_module, name, lambda *a, _fn=fn, _n=name, **k: called.append(_n) or _fn(*a, **k))
+    m = small(tok).train()
+    out = m(captions(tok))
+    assert sorted(called) == ["itc_loss", "itm_loss", "mim_loss", "mlm_loss", "pretraining_loss"]
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in ("loss_mim", "loss_mlm", "loss_itm",
+                                                                           "loss_itc")), rel=1e-6)
+    called.clear()
+    m(vqa_batch(tok, ["is it normal?"], ["yes"], torch.randn(1, 3, 32, 32)))
+    assert called == ["answer_loss"]
 
 
 def test_norm_pix_option_changes_the_target(tok):

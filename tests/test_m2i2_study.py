@@ -10,25 +10,24 @@ import torch
 from medvqa_lib.config import get_profile
 from medvqa_lib.data.schema import VQASample
 from medvqa_lib.data.synthetic import load_synthetic_vqa
-from medvqa_lib.errors import DataError
+from medvqa_lib.errors import ConfigError, DataError
 from medvqa_lib.evaluation import REPORTED as REPORTED_SOURCE
 from medvqa_lib.evaluation import normalize_answer, results_table
-from medvqa_lib.papers.m2i2.pipeline import (
+from medvqa_lib.experiments.tables import compare_to_prior
+from medvqa_lib.papers.m2i2.config import (
     CPU_SPEEDS,
     FULL,
-    REPORTED,
+    PLANS,
+    M2I2Config,
     ablation_configs,
-    candidate_lists,
-    compare_with_prior,
     estimated_seconds,
     finetune_config,
-    free_para_scores,
-    measured_rows,
-    pick_examples,
-    readable,
-    reported_rows,
     study_plan,
 )
+from medvqa_lib.papers.m2i2.figures import pick_examples
+from medvqa_lib.papers.m2i2.pipeline import free_para_scores, measured_rows, readable
+from medvqa_lib.papers.m2i2.rank import candidate_lists
+from medvqa_lib.papers.m2i2.reported import REPORTED, reported_rows
 from medvqa_lib.text import minilm_dir
 
 SYN = dict(n_images=30, image_size=64, seed=0)
@@ -223,11 +222,11 @@ def test_measured_rows_and_readable_table():
     assert (table["test set"] == "free").all()
 
 
-def test_compare_with_prior_names_the_model():
+def test_compare_to_prior_names_the_model():
     types = ["closed"] * 30 + ["open"] * 30
     model = _scored([True] * 60, types)
     prior = _scored([i % 2 == 0 for i in range(60)], types)
-    table = compare_with_prior({"d": model}, {"d": prior}, n_resamples=200)
+    table = compare_to_prior({"d": model}, {"d": prior}, n_resamples=200, label=FULL)
     assert table.loc[("d", "closed"), f"{FULL} − prior (pp)"] == 50.0
     assert bool(table.loc[("d", "open"), "supported"])
 
@@ -288,7 +287,8 @@ def test_finetune_factory_and_restore(tiny, tmp_path):
 
 @needs_vocab
 def test_rank_mode_answers_from_the_list_and_reports_the_leak(tiny):
-    from medvqa_lib.papers.m2i2.pipeline import finetune_factory, rank_mode, rank_mode_table
+    from medvqa_lib.papers.m2i2.pipeline import finetune_factory
+    from medvqa_lib.papers.m2i2.rank import rank_mode, rank_mode_table
 
     plan, backbone, cache = tiny
     torch.manual_seed(0)
@@ -319,3 +319,60 @@ def test_unknown_profile_is_refused(tmp_path):
     odd = Profile(**{**get_profile("smoke").__dict__, "name": "tpu"})
     with pytest.raises(ValueError, match="no M2I2 study"):
         study_plan(odd, tmp_path)
+
+
+def test_study_plan_drops_none_and_names_the_valid_keys(tmp_path):
+    smoke = get_profile("smoke")
+    base = study_plan(smoke, tmp_path)
+    same = study_plan(smoke, tmp_path, pairs=None, seeds=None, rank_k=None, model={"image_size": None},
+                      pretrain={"epochs": None, "lr": None}, finetune=None)
+    assert same == base
+    with pytest.raises(ConfigError, match="unknown M2I2 study key.*pairz.*valid keys:.*pairs") as err:
+        study_plan(smoke, tmp_path, pairz=10)
+    assert "ablation_epochs" in str(err.value) and "model" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown M2I2 model key.*vision_dept\\b.*valid keys:.*vision_depth"):
+        study_plan(smoke, tmp_path, model={"vision_dept": 2})
+    with pytest.raises(ConfigError, match="unknown M2I2 finetune key.*beams.*valid keys:.*num_beams"):
+        study_plan(smoke, tmp_path, finetune={"beams": 2})
+
+
+def test_plans_are_the_one_home_of_the_model_sizes(tmp_path):
+    for name in ("smoke", "cpu", "gpu"):
+        profile = get_profile(name)
+        model = study_plan(profile, tmp_path).model
+        assert model == M2I2Config.from_profile(profile)
+        assert {k: getattr(model, k) for k in PLANS[name]["model"] if k != "text_backbone"} == {
+            k: v for k, v in PLANS[name]["model"].items() if k != "text_backbone"}
+        assert model.text_backbone == profile.text_backbone
+
+
+def test_comparison_chapter_names_stay_in_the_pipeline_module():
+    from medvqa_lib.papers.m2i2 import pipeline as m2
+
+    for name in ("study_plan", "pretraining_corpus", "pretrain_variant", "finetune_factory", "CPU_SPEEDS",
+                 "REPORTED"):
+        assert hasattr(m2, name), name
+
+
+def test_package_imports_no_other_paper_package():
+    import ast
+    from pathlib import Path
+
+    import medvqa_lib.papers.m2i2 as package
+
+    folder = Path(package.__file__).parent
+    allowed = {"config", "errors", "io", "text", "plots", "data", "evaluation", "training", "transcap", "nn",
+               "experiments", "notebook"}
+    files = sorted(folder.glob("*.py"))
+    assert len(files) >= 8
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if not name.startswith("medvqa_lib"):
+                    continue
+                parts = name.split(".")
+                if parts[:3] == ["medvqa_lib", "papers", "m2i2"]:
+                    continue
+                assert len(parts) > 1 and parts[1] in allowed, f"{path.name} imports {name}"

@@ -4,12 +4,9 @@ from transformers import BertConfig
 
 from medvqa_lib import text
 from medvqa_lib.nn import SpecialIds, masked_positions
-from medvqa_lib.papers.miss.model import (
-    MISS,
-    MISSConfig,
-    build_miss,
-    load_pretrained_for_finetune,
-)
+from medvqa_lib.papers.miss import losses
+from medvqa_lib.papers.miss.config import MISSConfig
+from medvqa_lib.papers.miss.model import MISS, build_miss, load_pretrained_for_finetune
 
 pytestmark = pytest.mark.skipif(text.minilm_dir() is None, reason="the WordPiece vocabulary ships with MiniLM")
 
@@ -233,3 +230,20 @@ def test_build_from_backbone_and_finetune_resize(tok):
     q = tok(["is it normal?"], return_tensors="pt")
     out = ft.generate(torch.randn(1, 3, 48, 48), q["input_ids"], q["attention_mask"], max_new_tokens=3)
     assert len(out[0]) <= 3
+
+
+def test_pretraining_calls_the_loss_functions_of_the_paper(tok, monkeypatch):
+    calls: list[str] = []
+    for name in ("itc_targets", "itm_loss", "mlm_loss", "lm_loss"):
+        fn = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    m = small(tok).train()
+    m(captions(tok))
+    assert calls == ["itc_targets", "itm_loss", "mlm_loss"]
+    calls.clear()
+    small(tok, decoder_objective="lm")(captions(tok))
+    assert calls == ["itc_targets", "itm_loss", "lm_loss"]
+    calls.clear()
+    images = torch.randn(2, 3, 32, 32)
+    m(vqa_batch(tok, ["is it normal?"] * 2, ["yes", "no"], images))
+    assert calls == ["lm_loss"]

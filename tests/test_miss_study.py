@@ -8,16 +8,14 @@ from medvqa_lib.config import get_profile
 from medvqa_lib.data.dataset import VQACollator, group_by_image
 from medvqa_lib.data.schema import CaptionSample
 from medvqa_lib.data.synthetic import load_synthetic_vqa
-from medvqa_lib.nn import attention
+from medvqa_lib.experiments.corpus import subset
 from medvqa_lib.experiments.generative import GroupedVQADataset, ImageCache, predict
-from medvqa_lib.papers.miss.pipeline import (
-    compare_to_prior,
-    seed_mean_scores,
-    study_plan,
-    subset,
-    transcap_pool,
-)
-from medvqa_lib.text import minilm_dir
+from medvqa_lib.experiments.tables import compare_to_prior, seed_mean_scores
+from medvqa_lib.nn import attention
+from medvqa_lib.papers.miss.config import MISSConfig, study_plan
+from medvqa_lib.papers.miss.model import build_miss
+from medvqa_lib.papers.miss.pipeline import retrieval_recall, transcap_pool
+from medvqa_lib.text import minilm_dir, select_text_backbone
 
 pytestmark = pytest.mark.skipif(minilm_dir() is None, reason="the WordPiece vocabulary ships with MiniLM")
 SYN = dict(n_images=30, image_size=64, seed=0)
@@ -25,9 +23,6 @@ SYN = dict(n_images=30, image_size=64, seed=0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    from medvqa_lib.papers.miss.model import MISSConfig, build_miss
-    from medvqa_lib.text import select_text_backbone
-
     backbone = select_text_backbone("tiny", verbose=False)
     torch.manual_seed(0)
     model = build_miss(MISSConfig.from_profile("smoke"), backbone).eval()
@@ -175,7 +170,7 @@ def test_compare_to_prior_supports_only_a_clear_margin():
     types = ["closed"] * 40 + ["open"] * 40
     model = _scored([True] * 40 + [i % 2 == 0 for i in range(40)], types)
     prior = _scored([i % 2 == 0 for i in range(40)] + [i % 2 == 0 for i in range(40)], types)
-    table = compare_to_prior({"d": model}, {"d": prior}, n_resamples=500)
+    table = compare_to_prior({"d": model}, {"d": prior}, n_resamples=500, label="MISS")
     assert table.loc[("d", "closed"), "MISS − prior (pp)"] == 50.0
     assert bool(table.loc[("d", "closed"), "supported"])
     assert table.loc[("d", "open"), "MISS − prior (pp)"] == 0.0
@@ -183,8 +178,6 @@ def test_compare_to_prior_supports_only_a_clear_margin():
 
 
 def test_retrieval_recall_is_perfect_when_captions_name_their_image(tiny, monkeypatch):
-    from medvqa_lib.papers.miss.pipeline import retrieval_recall
-
     model, tok = tiny
     caps = [CaptionSample(f"im{i}", None, f"caption {i}") for i in range(6)]
 
@@ -204,9 +197,6 @@ def test_retrieval_recall_is_perfect_when_captions_name_their_image(tiny, monkey
 
 
 def test_untie_decoder_copies_shared_modules_and_reties_the_head():
-    from medvqa_lib.papers.miss.model import MISSConfig, build_miss
-    from medvqa_lib.text import select_text_backbone
-
     model = build_miss(MISSConfig.from_profile("smoke"), select_text_backbone("tiny", verbose=False))
     enc, dec = model.text_encoder, model.text_decoder
     assert dec.embeddings is enc.embeddings and dec.layers[0].ffn is enc.layers[0].ffn

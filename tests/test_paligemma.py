@@ -1,4 +1,4 @@
-"""The PaliGemma model module: LoRA targets, the answer-only loss mask, hub errors, saliency."""
+"""The PaliGemma model: LoRA targets, the answer-only loss (mask and value), hub errors, saliency."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 from medvqa_lib.errors import HubUnavailableError
+from medvqa_lib.papers.paligemma.config import LM_TARGETS, study_plan
+from medvqa_lib.papers.paligemma.data import VQACollator
+from medvqa_lib.papers.paligemma.losses import answer_mask, answer_only_loss, answer_token_nll
 from medvqa_lib.papers.paligemma.model import (
-    LM_TARGETS,
-    PaliGemmaSpec,
     PaliGemmaVQA,
-    VQACollator,
     apply_lora,
     build_tiny,
     load_hub_model,
@@ -19,7 +19,12 @@ from medvqa_lib.papers.paligemma.model import (
     patch_grid,
     trainable_share,
 )
-from medvqa_lib.papers.paligemma.saliency import patch_to_tokens, raw_attention_map, rollout, to_grid
+from medvqa_lib.papers.paligemma.saliency import (
+    patch_to_tokens,
+    raw_attention_map,
+    rollout,
+    to_grid,
+)
 
 TEXTS = ["answer en is there a lesion in the left lung", "yes", "no", "left lung",
          "answer en what organ is shown", "chest", "brain"] * 5
@@ -28,7 +33,7 @@ TEXTS = ["answer en is there a lesion in the left lung", "yes", "no", "left lung
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    spec = PaliGemmaSpec.from_profile("smoke", image_size=32, patch_size=8)
+    spec = study_plan("smoke", model={"image_size": 32, "patch_size": 8}).spec
     model, processor = build_tiny(spec, TEXTS)
     return spec, model, processor
 
@@ -86,6 +91,26 @@ def test_loss_mask_covers_only_answer_tokens(tiny):
         assert (batch["token_type_ids"][row].bool() == (labels != -100)).all()
 
 
+def test_answer_only_loss_is_the_models_own_loss_bit_for_bit(tiny):
+    _, model, processor = tiny
+    batch = VQACollator(processor)([
+        {"image": _image(), "question": "is there a lesion in the left lung", "answer": "yes"},
+        {"image": _image(9), "question": "what organ", "answer": "left lung"},
+    ])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")}
+    torch.manual_seed(0)
+    hf = model(**inputs, labels=batch["labels"])  # Hugging Face's causal-LM loss
+    ours = answer_only_loss(hf.logits, batch["labels"])
+    assert torch.equal(ours, hf.loss)
+    vqa_loss = PaliGemmaVQA(model, processor)(batch)["loss"]  # the forward calls answer_only_loss
+    assert torch.equal(vqa_loss, hf.loss)
+    # the per-question sums over the same mask give the same mean
+    per_row, counts = answer_token_nll(hf.logits, batch["labels"])
+    mask = answer_mask(batch["labels"])
+    assert counts.tolist() == mask.sum(1).tolist() == [2, 3]  # "yes" + <eos>, "left lung" + <eos>
+    assert torch.allclose(per_row.sum() / counts.sum(), hf.loss, atol=1e-6)
+
+
 def test_forward_loss_and_generation_run(tiny):
     spec, model, processor = tiny
     vqa = PaliGemmaVQA(model, processor)
@@ -100,7 +125,7 @@ def test_forward_loss_and_generation_run(tiny):
 def test_hub_unreachable_offline_names_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
-    spec = PaliGemmaSpec.from_profile("gpu")
+    spec = study_plan("gpu").spec
     with pytest.raises(HubUnavailableError, match="HF_TOKEN"):
         load_hub_model(spec)
 

@@ -11,7 +11,13 @@ from PIL import Image
 from medvqa_lib.config import get_profile
 from medvqa_lib.data.schema import CaptionSample, VQASample
 from medvqa_lib.errors import HubUnavailableError, UnknownNameError
+from medvqa_lib.experiments.images import ImageCache
+from medvqa_lib.papers.paligemma import data as pgdata
+from medvqa_lib.papers.paligemma import losses
+from medvqa_lib.papers.paligemma import model as pgmodel
 from medvqa_lib.papers.paligemma import pipeline as pg
+from medvqa_lib.papers.paligemma.config import study_plan
+from medvqa_lib.papers.paligemma.saliency import saliency_for
 from medvqa_lib.papers.paligemma.synthetic_qa import CurationCounts, QAGenerator, curate, parse_qa
 
 
@@ -24,24 +30,24 @@ def _sample(i: int, split: str, answer: str = "yes", value: int = 0) -> VQASampl
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    study = pg.study_plan(get_profile("smoke"), stage1_epochs=1, batch_size=4, max_new_tokens=2,
-                          consistency_runs=2, spec={"image_size": 16, "patch_size": 8})
-    vqa = pg.build_model(study, ["answer en is there a lesion?", "yes", "no", "left lung"] * 5)
-    pg.add_adapters(vqa, study)
-    return study, vqa, pg.ImageCache(16), tmp_path_factory.mktemp("pg")
+    study = study_plan(get_profile("smoke"), stage1_epochs=1, batch_size=4, max_new_tokens=2,
+                       consistency_runs=2, model={"image_size": 16, "patch_size": 8})
+    vqa = pgmodel.build_model(study, ["answer en is there a lesion?", "yes", "no", "left lung"] * 5)
+    pgmodel.add_adapters(vqa, study)
+    return study, vqa, ImageCache(16), tmp_path_factory.mktemp("pg")
 
 
 def test_stage2_starts_from_stage1_weights(setup):
     study, vqa, cache, tmp = setup
     train = [_sample(i, "train", "yes" if i % 2 else "no", 40 * i) for i in range(8)]
     val = [_sample(i, "val") for i in range(4)]
-    pg.reset_adapters(vqa, 0)
+    pgmodel.reset_adapters(vqa, 0)
     pg.train_stage(vqa, train, val, study, cache, 1, tmp / "stage1", 0)
     stage1 = vqa.trainable_state()
-    path = pg.save_adapters(vqa, tmp / "stage1.safetensors", {"epochs": 1})
-    pg.reset_adapters(vqa, 1)  # a fresh run of stage 2 ...
+    path = pgmodel.save_adapters(vqa, tmp / "stage1.safetensors", {"epochs": 1})
+    pgmodel.reset_adapters(vqa, 1)  # a fresh run of stage 2 ...
     assert any(not torch.equal(stage1[k], v) for k, v in vqa.trainable_state().items())
-    pg.load_adapters(vqa, path)  # ... starts from the saved stage-1 adapters
+    pgmodel.load_adapters(vqa, path)  # ... starts from the saved stage-1 adapters
     assert all(torch.equal(stage1[k], v) for k, v in vqa.trainable_state().items())
     # and the stage-1 adapters are not a no-op: lora_B moved away from its zero init
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in stage1.items())
@@ -53,7 +59,7 @@ def test_load_adapters_refuses_a_foreign_file(setup, tmp_path):
     _, vqa, _, _ = setup
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="adapters"):
-        pg.load_adapters(vqa, tmp_path / "other.safetensors")
+        pgmodel.load_adapters(vqa, tmp_path / "other.safetensors")
 
 
 def test_consistency_rule_on_hand_made_answer_sets():
@@ -69,18 +75,18 @@ def test_consistency_rule_on_hand_made_answer_sets():
 
 def test_unknown_datamix_and_offline_hub_mix(monkeypatch):
     with pytest.raises(UnknownNameError, match="roco-qa"):
-        pg.load_datamix("roco", {})
+        pgdata.load_datamix("roco", {})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(HubUnavailableError, match="Fix"):
-        pg.load_datamix("roco-qa", {})
-    main, anneal = pg.load_datamix("captions-qa+anneal", {"captions-qa": [1, 2], "anneal": [3]})
+        pgdata.load_datamix("roco-qa", {})
+    main, anneal = pgdata.load_datamix("captions-qa+anneal", {"captions-qa": [1, 2], "anneal": [3]})
     assert (main, anneal) == ([1, 2], [3])
 
 
 def test_saliency_grid_matches_the_models_patch_count(setup):
     _, vqa, _, _ = setup
-    sal = pg.saliency_for(vqa, Image.new("RGB", (20, 20)), "is there a lesion?", max_new_tokens=2)
+    sal = saliency_for(vqa, Image.new("RGB", (20, 20)), "is there a lesion?", max_new_tokens=2)
     vision = vqa.config.vision_config
     grid = vision.image_size // vision.patch_size
     assert sal.raw_map.shape == sal.rollout_map.shape == (grid, grid)
@@ -114,8 +120,8 @@ def test_rule_generation_is_cached_and_curated(tmp_path):
 
 def test_scaling_law_fit_recovers_known_parameters():
     x, d = np.meshgrid([1.0, 2.0, 3.0, 4.0], [100.0, 400.0, 1600.0])
-    y = pg.eq1(np.vstack([x.ravel(), d.ravel()]), 3.0, 0.5, 0.3, 0.4)
-    fit = pg.fit_scaling_law(pd.DataFrame({"epoch": x.ravel(), "tokens": d.ravel(), "val_loss": y}))
+    y = losses.scaling_law(np.vstack([x.ravel(), d.ravel()]), 3.0, 0.5, 0.3, 0.4)
+    fit = losses.fit_scaling_law(pd.DataFrame({"epoch": x.ravel(), "tokens": d.ravel(), "val_loss": y}))
     assert fit["alpha"] == pytest.approx(0.5, rel=1e-3) and fit["E"] == pytest.approx(0.4, rel=1e-3)
     with pytest.raises(ValueError, match="too few"):
-        pg.fit_scaling_law(pd.DataFrame({"epoch": [1, 2], "tokens": [1, 1], "val_loss": [1, 0.5]}))
+        losses.fit_scaling_law(pd.DataFrame({"epoch": [1, 2], "tokens": [1, 1], "val_loss": [1, 0.5]}))

@@ -38,7 +38,7 @@ def test_image_cache_decodes_each_image_once_and_normalises():
     assert first.shape == (3, 32, 32) and first.min() >= -1.0 and first.max() <= 1.0
     for s in samples:
         cache.get(s)
-    assert len(cache._cache) == len({s.image_id for s in samples})
+    assert len(cache._pixels) == len({s.image_id for s in samples})
     assert torch.equal(cache.get(samples[0]), first)
 
 

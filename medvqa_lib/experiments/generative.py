@@ -166,19 +166,26 @@ def predict(model: torch.nn.Module, samples: Sequence[VQASample], tokenizer: Any
 
 
 def validation_fn(model: torch.nn.Module, val: Sequence[VQASample], tokenizer: Any,
-                  cache: ImageCache, settings: StageSettings) -> Callable[[torch.nn.Module], dict]:
-    """An ``evaluate_fn`` for the training loop: greedy answers on validation questions.
+                  cache: ImageCache, settings: StageSettings, *,
+                  answer: Callable[[torch.nn.Module, Sequence[VQASample]], dict[str, str]] | None = None
+                  ) -> Callable[[torch.nn.Module], dict]:
+    """An ``evaluate_fn`` for the training loop: accuracy on validation questions.
 
-    It refuses test questions (model selection on validation data only) and carries
-    ``split = "val"`` so the loop can check it.
+    ``answer(model, questions) -> {qid: answer}`` answers them; the default is greedy
+    generation (:func:`predict`), a classifier passes its own. It refuses test questions (model
+    selection on validation data only) and carries ``split = "val"`` so the loop can check it.
     """
     ensure_splits(val, {"val"}, "model selection")
     subset = list(val)[: settings.eval_limit] if settings.eval_limit else list(val)
 
+    def greedy(m: torch.nn.Module, questions: Sequence[VQASample]) -> dict[str, str]:
+        return predict(m, questions, tokenizer, cache, num_beams=1, precision=settings.precision,
+                       max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
+
+    respond = answer or greedy
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        preds = predict(m, subset, tokenizer, cache, num_beams=1, precision=settings.precision,
-                        max_new_tokens=settings.max_new_tokens, max_question_len=settings.max_text_len)
-        row = summarize(score_predictions(subset, preds)).iloc[0]
+        row = summarize(score_predictions(subset, respond(m, subset))).iloc[0]
         return {"val_acc": float(row["overall_acc"]), "val_closed": float(row["closed_acc"]),
                 "val_open": float(row["open_acc"])}
 

@@ -31,16 +31,16 @@ from medvqa_lib.config import Profile
 from medvqa_lib.data.suite import cap
 from medvqa_lib.evaluation import score_predictions, summarize
 from medvqa_lib.io import atomic_write_json
-from medvqa_lib.papers.cmdpi.pipeline import CPU_SECONDS_PER_1000 as CMDPI_SECONDS
+from medvqa_lib.papers.cmdpi.config import CPU_SECONDS_PER_1000 as CMDPI_SECONDS
 from medvqa_lib.papers.comparison.config import ComparisonPlan
-from medvqa_lib.papers.m2i2.pipeline import CPU_SPEEDS as M2I2_SPEEDS
+from medvqa_lib.papers.m2i2.config import CPU_SPEEDS as M2I2_SPEEDS
 from medvqa_lib.training import seed_everything
 
 __all__ = ["efficiency_dataset", "efficiency_splits", "run_efficiency", "estimate_seconds", "efficiency_figure"]
 
 #: 2-core seconds per 1,000 samples at the cpu profile: pre-training, fine-tuning, answering.
-#: M2I2 and CMDPI: their chapters' measured constants (``m2i2_study.CPU_SPEEDS``,
-#: ``cmdpi_study.CPU_SECONDS_PER_1000``); MISS and PaliGemma: derived from their chapters'
+#: M2I2 and CMDPI: their chapters' measured constants (``m2i2.config.CPU_SPEEDS``,
+#: ``cmdpi.config.CPU_SECONDS_PER_1000``); MISS and PaliGemma: derived from their chapters'
 #: measured cpu wall times (book/running.md), so rougher
 CPU_SECONDS_PER_1000: dict[str, dict[str, float]] = {
     "MISS": {"pretrain": 60.0, "finetune": 25.0, "answer": 10.0},
@@ -113,24 +113,26 @@ def _generative_shares(name: str, study_module: Any, study: Any, pairs: Sequence
 
 
 def _miss(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
-          out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
+          out: Path, seed: int, root: Path | None, hub: bool) -> dict[float, dict[str, Any]]:
     from medvqa_lib.experiments.corpus import caption_pairs
-    from medvqa_lib.experiments.generative import ImageCache
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.papers.miss import pipeline as ms
+    from medvqa_lib.papers.miss.config import study_plan
 
-    study = ms.study_plan(profile, out / "MISS", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
-    pairs, _ = caption_pairs(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
+    study = study_plan(profile, out / "MISS", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
+    pairs, _ = caption_pairs(profile, plan.efficiency_pairs, seed, root, hub=hub, verbose=False)
     cache = ImageCache(study.model.image_size)
     return _generative_shares("MISS", ms, study, pairs, cache, cache, plan, splits, fractions, out, seed)
 
 
 def _m2i2(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
-          out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.experiments.generative import ImageCache
+          out: Path, seed: int, root: Path | None, hub: bool) -> dict[float, dict[str, Any]]:
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.papers.m2i2 import pipeline as m2
+    from medvqa_lib.papers.m2i2.config import study_plan
 
-    study = m2.study_plan(profile, out / "M2I2", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
-    pairs, _, _ = m2.pretraining_corpus(profile, plan.efficiency_pairs, seed, data_dir, verbose=False)
+    study = study_plan(profile, out / "M2I2", pretrain=dict(epochs=plan.efficiency_pretrain_epochs))
+    pairs, _, _ = m2.pretraining_corpus(profile, plan.efficiency_pairs, seed, root, hub=hub, verbose=False)
     pre_cache = ImageCache(study.model.image_size)
     ft_cache = pre_cache if study.finetune_image_size == study.model.image_size else ImageCache(
         study.finetune_image_size)
@@ -138,17 +140,18 @@ def _m2i2(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]
 
 
 def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]], fractions: Sequence[float],
-           out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
-    from medvqa_lib.experiments.generative import ImageCache
+           out: Path, seed: int, root: Path | None, hub: bool) -> dict[float, dict[str, Any]]:
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.papers.cmdpi import pipeline as cm
-    from medvqa_lib.papers.cmdpi.model import build_answer_vocab
+    from medvqa_lib.papers.cmdpi.answers import build_answer_vocab
+    from medvqa_lib.papers.cmdpi.config import study_plan
     from medvqa_lib.text import select_text_backbone
 
-    study = cm.study_plan(profile, out / "CMDPI", pretrain=dict(epochs=plan.efficiency_pretrain_epochs),
+    study = study_plan(profile, out / "CMDPI", pretrain=dict(epochs=plan.efficiency_pretrain_epochs),
                           captions=plan.efficiency_pairs, pretrain_vqa_limit=plan.efficiency_pairs,
                           max_train=plan.efficiency_train)
     backbone = select_text_backbone(study.model.text_backbone)
-    full = cm.pretraining_corpus(profile, {"data": splits}, study, seed, data_dir, real=data_dir is not None)
+    full = cm.pretraining_corpus(profile, {"data": splits}, study, seed, root, real=root is not None or hub, hub=hub)
     cache = ImageCache(study.model.image_size)
     settings = dataclasses.replace(study.finetune, epochs=plan.efficiency_finetune_epochs,
                                    eval_limit=plan.efficiency_val)
@@ -160,7 +163,7 @@ def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any
         state = cm.pretrain_variant(f"pre{f:g}", study.model, corpus, backbone.tokenizer, cache, study.pretrain,
                                     backbone, seed, **study.pretrain_options())[0] if len(corpus) else None
         pre_s = time.perf_counter() - t0
-        rec = cm.finetune_and_test(f"CMDPI {f:g}", study.model, state, corpus.vocab, "data", splits, [seed],
+        rec = cm.finetune_cmdpi(f"CMDPI {f:g}", study.model, state, corpus.vocab, "data", splits, [seed],
                                    backbone.tokenizer, cache, settings, out / "CMDPI" / "finetune", backbone,
                                    verbose=False, **study.finetune_options())[0]
         results[f] = _result(rec.scored, len(corpus), pre_s, rec.train.time_s)
@@ -168,11 +171,15 @@ def _cmdpi(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any
 
 
 def _paligemma(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list[Any]],
-               fractions: Sequence[float], out: Path, seed: int, data_dir: Any) -> dict[float, dict[str, Any]]:
+               fractions: Sequence[float], out: Path, seed: int, root: Path | None, hub: bool,
+               ) -> dict[float, dict[str, Any]]:
     from medvqa_lib.data.synthetic import load_synthetic_captions
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.papers.paligemma import pipeline as pg
+    from medvqa_lib.papers.paligemma.config import study_plan
+    from medvqa_lib.papers.paligemma.model import add_adapters, build_model, reset_adapters
 
-    study = pg.study_plan(profile, base_epochs=plan.efficiency_pretrain_epochs)
+    study = study_plan(profile, base_epochs=plan.efficiency_pretrain_epochs)
     if not study.spec.is_tiny:
         raise ValueError("PaliGemma's pre-training amount can only be varied for the tiny stand-in model "
                          "(the Hub checkpoint comes pre-trained)")
@@ -181,9 +188,9 @@ def _paligemma(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list
     captions = cap(captions, plan.efficiency_pairs, seed)
     texts = [f"answer en {s.question}" for s in splits["train"]] + [str(s.answer) for s in splits["train"]] + \
             [f"caption en {c.caption}" for c in captions]
-    cache = pg.ImageCache(study.spec.image_size)
+    cache = ImageCache(study.spec.image_size)
     seed_everything(seed)
-    fresh = pg.build_model(study, texts)  # the same initialisation (and tokenizer) for every share
+    fresh = build_model(study, texts)  # the same initialisation (and tokenizer) for every share
     results = {}
     for f in fractions:
         seed_everything(seed)
@@ -193,8 +200,8 @@ def _paligemma(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list
         if corpus:
             pg.pretrain_base(vqa, corpus, study, cache, out / "PaliGemma" / f"base{f:g}", seed)
         pre_s = time.perf_counter() - t0
-        pg.add_adapters(vqa, study)
-        pg.reset_adapters(vqa, seed)
+        add_adapters(vqa, study)
+        reset_adapters(vqa, seed)
         train = pg.train_stage(vqa, splits["train"], splits["val"], study, cache, plan.efficiency_finetune_epochs,
                                out / "PaliGemma" / f"lora{f:g}", seed)
         preds = pg.predict(vqa, splits["test"], cache, batch_size=study.batch_size,
@@ -220,7 +227,7 @@ def _key(plan: ComparisonPlan, dataset: str, seed: int) -> dict[str, Any]:
 
 
 def run_efficiency(profile: Profile, plan: ComparisonPlan, suite: Mapping[str, Mapping[str, Sequence[Any]]],
-                   out_dir: str | Path, seed: int = 0, data_dir: Any = None,
+                   out_dir: str | Path, seed: int = 0, root: Path | None = None, *, hub: bool = False,
                    methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Every method × share of :class:`ComparisonPlan` (see the module docstring); one row per
     run with the share, pre-training items, accuracies and times. Results stored under
@@ -236,7 +243,7 @@ def run_efficiency(profile: Profile, plan: ComparisonPlan, suite: Mapping[str, M
         done = {f: r for f, r in done.items() if r.get("settings") == key}
         todo = [f for f in plan.efficiency_fractions if f not in done]
         if todo:
-            for f, r in _RUNNERS[method](profile, plan, splits, todo, out / "runs", seed, data_dir).items():
+            for f, r in _RUNNERS[method](profile, plan, splits, todo, out / "runs", seed, root, hub).items():
                 done[f] = {**r, "settings": key}
                 atomic_write_json(paths[f], done[f])
         for f in plan.efficiency_fractions:

@@ -191,8 +191,8 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def _reported_rows() -> list[dict[str, Any]]:
     """Each paper's own row for its method, from the chapters' study modules."""
-    from medvqa_lib.papers.cmdpi.pipeline import REPORTED as CMDPI_REPORTED
-    from medvqa_lib.papers.m2i2.pipeline import REPORTED as M2I2_REPORTED
+    from medvqa_lib.papers.cmdpi.reported import REPORTED as CMDPI_REPORTED
+    from medvqa_lib.papers.m2i2.reported import REPORTED as M2I2_REPORTED
     from medvqa_lib.papers.miss.pipeline import REPORTED as MISS_REPORTED
 
     rows = [  # (method, dataset, test set, closed, open, overall, where)

@@ -92,16 +92,19 @@ def _samples(profile: Profile, n: int, seed: int) -> list[Any]:
 
 def _generative(method: str, profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> _Bench:
     from medvqa_lib.data.dataset import VQACollator
-    from medvqa_lib.experiments.generative import CachedVQADataset, ImageCache, predict
+    from medvqa_lib.experiments.generative import CachedVQADataset, predict
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.text import select_text_backbone
 
     if method == "MISS":
-        from medvqa_lib.papers.miss.pipeline import finetune_factory, study_plan
+        from medvqa_lib.papers.miss.config import study_plan
+        from medvqa_lib.papers.miss.pipeline import finetune_factory
 
         study = study_plan(profile, tmp)
         size = study.model.finetune_image_size or study.model.image_size
     else:
-        from medvqa_lib.papers.m2i2.pipeline import finetune_factory, study_plan
+        from medvqa_lib.papers.m2i2.config import study_plan
+        from medvqa_lib.papers.m2i2.pipeline import finetune_factory
 
         study = study_plan(profile, tmp)
         size = study.finetune_image_size
@@ -120,15 +123,12 @@ def _generative(method: str, profile: Profile, samples: list[Any], batch_size: i
 
 
 def _cmdpi(profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> _Bench:
-    from medvqa_lib.experiments.generative import ImageCache
-    from medvqa_lib.papers.cmdpi.model import (
-        CMDPICollator,
-        CMDPIVQADataset,
-        build_answer_vocab,
-        build_cmdpi,
-        predict_samples,
-    )
-    from medvqa_lib.papers.cmdpi.pipeline import freeze, study_plan
+    from medvqa_lib.experiments.images import ImageCache
+    from medvqa_lib.papers.cmdpi.answers import build_answer_vocab
+    from medvqa_lib.papers.cmdpi.config import study_plan
+    from medvqa_lib.papers.cmdpi.data import CMDPICollator, CMDPIVQADataset, predict_samples
+    from medvqa_lib.papers.cmdpi.model import build_cmdpi
+    from medvqa_lib.papers.cmdpi.pipeline import freeze
     from medvqa_lib.text import select_text_backbone
 
     study = study_plan(profile, tmp)
@@ -150,15 +150,18 @@ def _cmdpi(profile: Profile, samples: list[Any], batch_size: int, tmp: Path) -> 
 
 
 def _paligemma(profile: Profile, samples: list[Any], batch_size: int) -> _Bench:
+    from medvqa_lib.experiments.images import ImageCache
     from medvqa_lib.papers.paligemma import pipeline as pg
-    from medvqa_lib.papers.paligemma.model import VQACollator
+    from medvqa_lib.papers.paligemma.config import study_plan
+    from medvqa_lib.papers.paligemma.data import ItemDataset, VQACollator
+    from medvqa_lib.papers.paligemma.model import add_adapters, build_model
 
-    study = pg.study_plan(profile)
+    study = study_plan(profile)
     texts = [f"answer en {s.question}" for s in samples] + [str(s.answer) for s in samples]
-    vqa = pg.build_model(study, texts)
-    pg.add_adapters(vqa, study)
-    cache = pg.ImageCache(study.spec.image_size)
-    data = pg.ItemDataset(samples[:batch_size], cache)
+    vqa = build_model(study, texts)
+    add_adapters(vqa, study)
+    cache = ImageCache(study.spec.image_size)
+    data = ItemDataset(samples[:batch_size], cache)
     batch = VQACollator(vqa.processor)([data[i] for i in range(len(data))])
 
     def answer(items: Sequence[Any]) -> dict[str, str]:

@@ -5,65 +5,41 @@ The parts (Fig. 1 and Fig. 2 of the paper):
 
 * **Image encoder** — a ViT (patch 16). For masked image modelling (MIM) it runs MAE-style on
   the visible patches only: a fixed share ``mask_ratio`` (15 %) of each image's patches is
-  drawn at random and dropped before the transformer (:func:`random_patch_mask`).
+  drawn at random and dropped before the transformer (:func:`~medvqa_lib.nn.random_patch_mask`).
 * **Text encoder** — the first half of the BERT layers (no cross-attention); its [CLS] feeds ITC.
 * **Multimodal encoder** — the second half of the same BERT stack, with cross-attention to the
-  image tokens; its [CLS] feeds ITM, its token states feed MLM and, for VQA, the answer decoder.
-  (Text and multimodal encoder are one :class:`~medvqa_lib.nn.TextTransformer` whose
-  upper layers have cross-attention, as in ALBEF.)
-* **Image decoder** (MIM only, :class:`MAEDecoder`) — MAE's light transformer (8 blocks, 512
-  wide in the ``gpu`` profile): the encoded visible patches plus a learned mask token at every
-  masked position, fixed 2-D sin-cos positions, a linear head regressing each patch's pixels.
-* **Answer decoder** (VQA) — as many BERT-style layers as the multimodal encoder has (6 for BERT
-  base), causal self-attention plus cross-attention to the multimodal states of the question,
-  with its own embeddings and LM head. It is *initialised from the multimodal layers*
-  (:meth:`M2I2.init_answer_decoder`): decoder layer ``i`` <- encoder layer ``n_text + i``
-  (self-attention, cross-attention, FFN), the embeddings from the encoder's, the LM head from
-  the MLM head. Before pre-training these are BERT's upper layers ("with the pre-trained BERT
-  weights", Sec. 2.3); :func:`load_pretrained_for_finetune` re-does it from the pre-trained ones.
+  image tokens; its [CLS] feeds ITM, its token states feed MLM and, for VQA, the answer decoder
+  (one :class:`~medvqa_lib.nn.TextTransformer` whose upper layers cross-attend, as in ALBEF).
+* **Image decoder** (MIM only, :class:`MAEDecoder`) — MAE's light transformer: the encoded
+  visible patches plus a learned mask token at every masked position, fixed 2-D sin-cos
+  positions, a linear head regressing each patch's pixels.
+* **Answer decoder** (VQA) — as many BERT-style layers as the multimodal encoder has, causal
+  self-attention plus cross-attention to the multimodal states of the question, initialised from
+  the multimodal layers (:meth:`M2I2.init_answer_decoder`; "with the pre-trained BERT weights",
+  Sec. 2.3); :func:`load_pretrained_for_finetune` re-does it from the pre-trained ones.
 
-Pre-training loss (Eq. 4): ``L = L_mim + L_mlm + L_itm + L_itc``.
-
-* MIM (Eq. 1): mean squared error on the *masked* patches only (:func:`mim_loss`); each
-  patch's error is the mean over its pixel values, as in MAE. ``norm_pix_loss`` regresses
-  per-patch normalised pixels instead.
-* MLM (Eq. 2): 15 % of the caption tokens masked BERT-style, predicted by the multimodal
-  encoder from the text and the image.
-* ITM (Eq. 3): [CLS] of the multimodal encoder -> 2-way head; per pair one hard-negative image
-  and one hard-negative text, sampled in the batch with ITC-similarity weights.
-* ITC: ALBEF's contrastive loss between the projected (256-d) [CLS] features of image and text
-  encoders, against momentum encoders and feature queues (65,535 in ``gpu``), temperature 0.07
-  (learnable, as in ALBEF). ``alpha > 0`` adds ALBEF's momentum distillation (off by default:
-  the paper does not mention it; the public code uses 0.4).
+The losses are in :mod:`medvqa_lib.papers.m2i2.losses`, numbered as in the paper: MIM (Eq. 1)
+on the masked patches only, MLM (Eq. 2) on 15 % of the caption tokens, ITM (Eq. 3) with one
+hard-negative image and text per pair, ALBEF's ITC (momentum encoders, feature queues, learnable
+temperature; ``alpha > 0`` adds momentum distillation, off by default), their sum (Eq. 4), and
+the answer decoder's conditional LM loss (Eq. 5).
 
 **Which image the objectives see.** By default ITC, ITM and MLM use the *unmasked* image and
 MIM runs a separate masked pass (``shared_masked_pass=False``). With
-``shared_masked_pass=True`` one masked pass feeds everything: its visible-patch features serve
-ITC/ITM/MLM and its reconstruction gives MIM (the reading of the paper's Fig. 1, "the unmasked
-portion of the image ... [is] fed into the image encoder"). The public code also gives
-ITC/ITM/MLM masked-image features, but draws a second, independent mask for the MIM loss.
+``shared_masked_pass=True`` one masked pass feeds everything (the reading of the paper's Fig. 1,
+"the unmasked portion of the image ... [is] fed into the image encoder"). The public code also
+gives ITC/ITM/MLM masked-image features, but draws a second, independent mask for MIM.
 
 **Ablations** (Table 4): ``use_mim=False`` drops MIM and the image decoder; ``use_itc=False``
 drops ITC, the momentum encoders and queues (ITM negatives are then drawn uniformly from the
-other images/texts of the batch: there is no trained similarity to weight them). "w/o
-pre-training" is fine-tuning straight from the built model.
-
-**VQA** (Sec. 2.3): the question goes through text + multimodal encoder (attending to the
-unmasked image); the answer decoder is trained with the conditional LM loss of Eq. 5 (summed over
-an answer's tokens, averaged over the batch) and answers by greedy or beam search
-(:meth:`M2I2.generate`, the same decoding code as MISS). :func:`rank_answers` is the public
-code's evaluation mode instead: it scores a candidate list by the decoder's log-likelihood and
-returns the best; :func:`candidate_answers` builds that list from training samples only.
+batch). Rank mode (the public code's evaluation) is in :mod:`medvqa_lib.papers.m2i2.rank`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,187 +56,27 @@ from medvqa_lib.nn import (
     hard_negative_indices,
     image_id_tensor,
     interpolate_pos_embed,
-    itc_loss,
     load_bert_weights,
     mask_tokens,
     masked_positions,
     momentum_update,
-    normalize_patches,
     patchify,
     random_patch_mask,
-    sincos_pos_embed,
     unpatchify,
     with_start,
 )
+from medvqa_lib.papers.m2i2.config import M2I2Config
+from medvqa_lib.papers.m2i2.losses import (
+    answer_loss,
+    itc_loss,
+    itm_loss,
+    mim_loss,
+    mlm_loss,
+    pretraining_loss,
+)
+from medvqa_lib.papers.m2i2.mae import MAEDecoder, MIMOutput
 
-__all__ = [
-    "M2I2",
-    "M2I2Config",
-    "MAEDecoder",
-    "MIMOutput",
-    "build_m2i2",
-    "candidate_answers",
-    "load_pretrained_for_finetune",
-    "mim_loss",
-    "predict_ranked",
-    "rank_answers",
-    "with_test_answers",
-]
-
-
-@dataclass
-class M2I2Config:
-    """Sizes and pre-training settings of an :class:`M2I2` model (see :meth:`from_profile`)."""
-
-    #: pre-training image size (the paper: 256 px) and fine-tuning size (384 px)
-    image_size: int = 256
-    finetune_image_size: int | None = None
-    patch_size: int = 16
-    vision_width: int = 768
-    vision_depth: int = 12
-    vision_heads: int = 12
-    #: timm weights for the ViT (loaded only when the Hub is reachable)
-    vit_pretrained: str | None = None
-    drop_path: float = 0.0
-    #: MAE image decoder (MIM)
-    mae_width: int = 512
-    mae_depth: int = 8
-    mae_heads: int = 16
-    #: share of each image's patches masked for MIM
-    mask_ratio: float = 0.15
-    #: regress per-patch normalised pixels (MAE's ``norm_pix_loss``)
-    norm_pix_loss: bool = False
-    #: one masked image pass for all objectives (see the module docstring)
-    shared_masked_pass: bool = False
-    #: "tiny", "minilm", "bert-base-uncased" or "auto" (see medvqa_lib.text)
-    text_backbone: str = "bert-base-uncased"
-    #: text layers in all (None: the backbone's); the first half is the text encoder
-    text_depth: int | None = None
-    #: dropout of the text stacks' hidden states; None = the backbone's (0.1 for BERT)
-    dropout: float | None = None
-    #: dropout of text attention probabilities (0 keeps SDPA on its fused kernels)
-    attn_dropout: float = 0.0
-    embed_dim: int = 256
-    queue_size: int = 65535
-    momentum: float = 0.995
-    temp: float = 0.07
-    #: momentum distillation weight of ITC (0 = the paper's plain ITC)
-    alpha: float = 0.0
-    mlm_probability: float = 0.15
-    use_mim: bool = True
-    use_itc: bool = True
-    max_text_len: int = 30
-    max_question_len: int = 35
-    max_answer_len: int = 10
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.use_mim and self.mask_ratio == 0.0:
-            raise ValueError("use_mim needs mask_ratio > 0 (no patch would be reconstructed)")
-        if self.mae_width % 4:
-            raise ValueError(f"mae_width {self.mae_width} must be a multiple of 4 (2-D sin-cos positions)")
-
-    @classmethod
-    def from_profile(cls, profile: Any, **overrides: Any) -> M2I2Config:
-        """The preset of a run profile (``"smoke"``, ``"cpu"``, ``"gpu"`` or a
-        :class:`~medvqa_lib.config.Profile`, whose text backbone is used, and whose image size
-        is used when it was overridden from the profile's default)."""
-        name = getattr(profile, "name", profile)
-        presets = {
-            "smoke": dict(image_size=64, vision_width=128, vision_depth=2, vision_heads=4,
-                          mae_width=64, mae_depth=1, mae_heads=4, text_backbone="tiny",
-                          embed_dim=64, queue_size=128),
-            "cpu": dict(image_size=128, vision_width=384, vision_depth=6, vision_heads=6,
-                        mae_width=128, mae_depth=2, mae_heads=4, text_backbone="minilm",
-                        queue_size=1024),
-            "gpu": dict(image_size=256, finetune_image_size=384, vision_width=768, vision_depth=12,
-                        vision_heads=12, vit_pretrained="vit_base_patch16_224.mae", mae_width=512,
-                        mae_depth=8, mae_heads=16, text_backbone="bert-base-uncased",
-                        queue_size=65535),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(presets)}")
-        values: dict[str, Any] = dict(presets[name])
-        if not isinstance(profile, str):
-            from medvqa_lib.config import PROFILES
-
-            values["text_backbone"] = profile.text_backbone
-            if profile.image_size != PROFILES[name].image_size:
-                values["image_size"] = profile.image_size
-        values.update(overrides)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> M2I2Config:
-        return dataclasses.replace(self, **changes)
-
-
-# ----------------------------------------------------------------------------- MIM loss
-
-
-def mim_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = False) -> Tensor:
-    """Eq. 1: ``1/n * sum_i (P_i - P^_i)^2`` over the n masked patches, where a patch's squared
-    error is the mean over its pixel values. ``pred``/``target`` are (B, N, p*p*C) (target:
-    :func:`patchify` of the image), ``mask`` (B, N) is True at the masked patches; unmasked
-    patches do not enter the loss."""
-    if norm_pix:
-        target = normalize_patches(target)
-    per_patch = (pred.float() - target.float()).pow(2).mean(-1)  # (B, N)
-    mask = mask.to(per_patch.dtype)
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-class MAEDecoder(nn.Module):
-    """MAE's image decoder: project the encoded visible patches (and [CLS]) to ``width``, put a
-    learned mask token at every masked position, add fixed sin-cos positions, run pre-LN ViT
-    blocks and regress each patch's ``patch_size**2 * 3`` pixel values."""
-
-    def __init__(self, enc_dim: int, width: int, depth: int, heads: int, patch_size: int,
-                 channels: int = 3, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        from timm.models.vision_transformer import Block
-
-        self.embed = nn.Linear(enc_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, qkv_bias=True,
-                                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
-                                    for _ in range(depth))
-        for blk in self.blocks:  # fused SDPA regardless of TIMM_FUSED_ATTN
-            blk.attn.fused_attn = True
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.pred = nn.Linear(width, patch_size * patch_size * channels)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, latent: Tensor, keep: Tensor, num_patches: int) -> Tensor:
-        """``latent`` (B, 1+K, D): encoder output of [CLS] + the visible patches ``keep``
-        (B, K). Returns the predicted pixels of all ``num_patches`` patches (B, N, p*p*C)."""
-        x = self.embed(latent)
-        b, _, width = x.shape
-        full = self.mask_token.to(x.dtype).expand(b, num_patches, width).scatter(
-            1, keep[..., None].expand(-1, -1, width), x[:, 1:])
-        pos = sincos_pos_embed(width, math.isqrt(num_patches)).to(x)
-        x = torch.cat([x[:, :1], full + pos], 1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))[:, 1:]
-
-
-class MIMOutput(NamedTuple):
-    """One masked-image pass: the MIM loss, the predicted patches (B, N, p*p*C), the mask
-    (B, N, True = masked and reconstructed), the visible indices (B, K) and the encoder output
-    of [CLS] + visible patches (B, 1+K, D)."""
-
-    loss: Tensor
-    pred: Tensor
-    mask: Tensor
-    keep: Tensor
-    latent: Tensor
+__all__ = ["M2I2", "build_m2i2", "load_pretrained_for_finetune"]
 
 
 class M2I2(AnswerDecoding, nn.Module):
@@ -484,7 +300,7 @@ class M2I2(AnswerDecoding, nn.Module):
                                     start=self.n_text_layers, rows=text_rows, enc_index=image_rows,
                                     kv_cache=kv_cache, first_only=True)
         itm_labels = (torch.arange(3 * b, device=dev) < b).long()  # 1 = matched
-        losses["loss_itm"] = F.cross_entropy(self.itm_head(itm_out[:, 0]).float(), itm_labels)
+        losses["loss_itm"] = itm_loss(self.itm_head(itm_out[:, 0]), itm_labels)  # Eq. 3
 
         # MLM: the multimodal layers compute the masked positions only
         queries, labels = masked_positions(mlm_labels)
@@ -492,7 +308,7 @@ class M2I2(AnswerDecoding, nn.Module):
                                     start=self.n_text_layers, kv_cache=kv_cache, queries=queries)
         keep_tok = labels != -100
         if bool(keep_tok.any()):
-            losses["loss_mlm"] = F.cross_entropy(self.mlm_head(mlm_out[keep_tok]).float(), labels[keep_tok])
+            losses["loss_mlm"] = mlm_loss(self.mlm_head(mlm_out[keep_tok]), labels[keep_tok])  # Eq. 2
         else:
             losses["loss_mlm"] = mlm_out.sum() * 0.0
 
@@ -500,7 +316,7 @@ class M2I2(AnswerDecoding, nn.Module):
             self.image_queue.enqueue(image_feat_m)
             self.text_queue.enqueue(text_feat_m)
             self.idx_queue.enqueue(ids if ids is not None else torch.full_like(ar, -1))
-        loss = sum(losses.values())
+        loss = pretraining_loss(losses)  # Eq. 4
         return {"loss": loss, **{k: v.detach() for k, v in losses.items()}}
 
     # ------------------------------------------------------------------ VQA
@@ -526,44 +342,8 @@ class M2I2(AnswerDecoding, nn.Module):
         out = self.text_decoder(dec_ids, dec_mask, q, q_mask)
         hidden, targets = out[:, :-1], dec_ids[:, 1:]
         valid = dec_mask[:, 1:].bool()
-        nll = F.cross_entropy(self.lm_head(hidden[valid]).float(), targets[valid], reduction="sum")
-        return {"loss": nll / answer_ids.shape[0]}
+        return {"loss": answer_loss(self.lm_head(hidden[valid]), targets[valid], answer_ids.shape[0])}
 
-    @torch.no_grad()
-    def score_answers(self, images: Tensor, question_ids: Tensor, question_mask: Tensor,
-                      candidate_ids: Tensor, candidate_mask: Tensor, k: int | None = None,
-                      chunk_tokens: int = 2048, image_index: Tensor | None = None) -> Tensor:
-        """Log-likelihood (B, C) of each candidate answer (tokenised ``[CLS] a [SEP]``) given
-        each question: the sum of the decoder's log-probabilities of the answer tokens and
-        [SEP]. With ``k`` only each question's ``k`` candidates with the most likely first token
-        are scored in full (the public code's pre-selection), the others get ``-inf``.
-        ``chunk_tokens`` bounds the answer tokens whose vocabulary logits exist at once;
-        ``image_index``: see :meth:`encode_question`."""
-        q, q_mask = self.encode_question(images, question_ids, question_mask, image_index)
-        b, n_cand, dev = q.shape[0], candidate_ids.shape[0], q.device
-        candidate_ids, candidate_mask = with_start(candidate_ids, candidate_mask, self.ids.dec, self.ids.cls)
-        kv: dict = {}
-        if k is None or k >= n_cand:
-            q_idx = torch.arange(b, device=dev).repeat_interleave(n_cand)
-            c_idx = torch.arange(n_cand, device=dev).repeat(b)
-        else:
-            start = torch.full((b, 1), self.ids.dec, dtype=torch.long, device=dev)
-            first = F.log_softmax(self._next_logits(start, q, q_mask, kv), -1)[:, candidate_ids[:, 1]]
-            c_idx = first.topk(k, dim=1).indices.flatten()
-            q_idx = torch.arange(b, device=dev).repeat_interleave(k)
-        scores = torch.full((b, n_cand), float("-inf"), device=dev)
-        length = candidate_ids.shape[1]
-        step = max(1, chunk_tokens // max(length - 1, 1))
-        for s in range(0, q_idx.shape[0], step):
-            qi, ci = q_idx[s:s + step], c_idx[s:s + step]
-            out = self.text_decoder(candidate_ids, candidate_mask, q, q_mask.index_select(0, qi),
-                                    rows=ci, enc_index=qi, kv_cache=kv)
-            targets, valid = candidate_ids[ci, 1:], candidate_mask[ci, 1:].bool()
-            logp = F.log_softmax(self.lm_head(out[:, :-1][valid]).float(), -1)
-            tok = logp.gather(1, targets[valid][:, None]).squeeze(1)
-            row = torch.arange(ci.shape[0], device=dev)[:, None].expand_as(valid)[valid]
-            scores[qi, ci] = torch.zeros(ci.shape[0], device=dev).index_add_(0, row, tok)
-        return scores
 
     # ------------------------------------------------------------------ training-loop entry
 
@@ -612,83 +392,3 @@ def load_pretrained_for_finetune(model: M2I2, state_dict: Mapping[str, Tensor],
         model.init_answer_decoder()
     return {"loaded": sorted(keep), "skipped": sorted(set(sd) - set(keep)),
             "missing": sorted(set(own) - set(keep))}
-
-
-# ----------------------------------------------------------------------------- rank mode
-
-
-def candidate_answers(samples: Iterable[Any], splits: Iterable[str] = ("train",),
-                      min_count: int = 1) -> list[str]:
-    """The candidate list of rank mode: normalised answers of ``samples``, most frequent first.
-
-    Built with :meth:`~medvqa_lib.evaluation.AnswerVocabulary.from_samples`, so it raises if
-    ``splits`` names ``"test"`` (:class:`~medvqa_lib.errors.ConfigError`) or if any sample is
-    from a split outside ``splits`` (:class:`~medvqa_lib.errors.DataError`). The default is the
-    training split only; pass ``splits=("train", "val")`` for train+validation.
-    """
-    from medvqa_lib.evaluation import AnswerVocabulary
-
-    return list(AnswerVocabulary.from_samples(list(samples), min_count, splits=splits).answers)
-
-
-def with_test_answers(candidates: Sequence[str], test_samples: Iterable[Any]) -> list[str]:
-    """``candidates`` plus the normalised answers of ``test_samples`` that are not yet in it.
-
-    Only for *measuring* the leak of pitfall 1 (a rank-mode list that contains test answers);
-    never use such a list for a reported score.
-    """
-    from medvqa_lib.evaluation import normalize_answer
-
-    out, seen = list(candidates), set(candidates)
-    for s in test_samples:
-        a = normalize_answer(s.answer)
-        if a not in seen:
-            seen.add(a)
-            out.append(a)
-    return out
-
-
-@torch.no_grad()
-def rank_answers(model: M2I2, batch: Mapping[str, Any], candidate_answers: Sequence[str],
-                 tokenizer: Any, *, k: int | None = None, return_scores: bool = False
-                 ) -> list[str] | tuple[list[str], Tensor]:
-    """Rank mode: the candidate with the highest answer log-likelihood for each question of
-    ``batch`` (``images``, ``question_ids``, ``question_mask``, optional ``image_index``); ties
-    go to the earlier
-    candidate. ``k``: see :meth:`M2I2.score_answers`. With ``return_scores`` also the (B, C)
-    log-likelihoods."""
-    if not candidate_answers:
-        raise ValueError("rank mode needs a non-empty candidate list")
-    dev = next(model.parameters()).device
-    cand = tokenizer(list(candidate_answers), padding="longest", return_tensors="pt")
-    index = batch.get("image_index")
-    was_training = model.training
-    model.eval()
-    try:
-        scores = model.score_answers(batch["images"].to(dev), batch["question_ids"].to(dev),
-                                     batch["question_mask"].to(dev), cand["input_ids"].to(dev),
-                                     cand["attention_mask"].to(dev), k=k,
-                                     image_index=None if index is None else index.to(dev))
-    finally:
-        model.train(was_training)
-    best = [candidate_answers[i] for i in scores.argmax(1).tolist()]
-    return (best, scores) if return_scores else best
-
-
-@torch.no_grad()
-def predict_ranked(model: M2I2, samples: Sequence[Any], candidates: Sequence[str], tokenizer: Any,
-                   cache: Any, *, batch_size: int = 32, max_question_len: int = 32,
-                   k: int | None = None) -> dict[str, str]:
-    """Rank-mode answers keyed by question id (the counterpart of
-    :func:`medvqa_lib.experiments.generative.predict`)."""
-    from medvqa_lib.data.dataset import VQACollator
-    from medvqa_lib.experiments.generative import CachedVQADataset
-
-    collate = VQACollator(tokenizer, max_question_len=max_question_len)
-    dataset = CachedVQADataset(samples, cache)
-    answers: dict[str, str] = {}
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        best = rank_answers(model, batch, candidates, tokenizer, k=k)
-        answers.update(zip(batch["qids"], best, strict=True))
-    return answers

@@ -18,7 +18,8 @@ Three parts (Fig. 1): a ViT image encoder, the JTM encoder and a text decoder.
   entries of the BERT WordPiece vocabulary, so no embedding row is added and the tied LM head
   keeps the vocabulary size.
 
-Pre-training (Sec. 3.3) sums three losses:
+Pre-training (Sec. 3.3) sums three losses (their equations are the functions of
+:mod:`medvqa_lib.papers.miss.losses`; sizes and presets are in :mod:`~medvqa_lib.papers.miss.config`):
 
 * ITC (Eqs. 2-3) between the [CLS] features of the image encoder and the JTM text mode, with
   momentum encoders and feature queues (MoCo/ALBEF), optionally with momentum distillation
@@ -45,10 +46,8 @@ of it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,76 +71,10 @@ from medvqa_lib.nn import (
     momentum_update,
     with_start,
 )
+from medvqa_lib.papers.miss import losses
+from medvqa_lib.papers.miss.config import MISSConfig
 
 __all__ = ["MISS", "MISSConfig", "build_miss", "load_pretrained_for_finetune"]
-
-
-@dataclass
-class MISSConfig:
-    """Sizes and pre-training settings of a :class:`MISS` model (see :meth:`from_profile`)."""
-
-    image_size: int = 224
-    patch_size: int = 16
-    vision_width: int = 768
-    vision_depth: int = 12
-    vision_heads: int = 12
-    #: timm weights for the ViT (loaded only when the Hub is reachable)
-    vit_pretrained: str | None = None
-    #: image size of VQA fine-tuning (the paper: 224 px pre-training, 480 px fine-tuning)
-    finetune_image_size: int | None = None
-    drop_path: float = 0.0
-    #: "tiny", "minilm", "bert-base-uncased" or "auto" (see medvqa_lib.text)
-    text_backbone: str = "bert-base-uncased"
-    #: text layers of the JTM encoder and decoder; None = all layers of the backbone
-    text_depth: int | None = None
-    #: dropout of the text stacks' hidden states; None = the backbone's (0.1 for BERT)
-    dropout: float | None = None
-    #: dropout of the text attention probabilities. BERT uses 0.1; 0 keeps SDPA on its fused
-    #: kernels (the CPU flash kernel has no dropout, and with it attention costs ~10 % of a step)
-    attn_dropout: float = 0.0
-    embed_dim: int = 256
-    queue_size: int = 57600
-    momentum: float = 0.995
-    temp: float = 0.07
-    alpha: float = 0.4
-    mlm_probability: float = 0.15
-    decoder_objective: Literal["mlm", "lm"] = "mlm"
-    jtm: bool = True
-    max_text_len: int = 30
-    max_question_len: int = 35
-    max_answer_len: int = 10
-
-    def __post_init__(self) -> None:
-        if self.decoder_objective not in ("mlm", "lm"):
-            raise ValueError(f"decoder_objective must be 'mlm' or 'lm', got {self.decoder_objective!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-
-    @classmethod
-    def from_profile(cls, profile: Any, **overrides: Any) -> MISSConfig:
-        """The preset of a run profile (``"smoke"``, ``"cpu"``, ``"gpu"`` or a
-        :class:`~medvqa_lib.config.Profile`, whose image size and text backbone are used)."""
-        name = getattr(profile, "name", profile)
-        presets = {
-            "smoke": dict(image_size=64, vision_width=128, vision_depth=2, vision_heads=4,
-                          text_backbone="tiny", embed_dim=64, queue_size=128),
-            # 2 cores: the whole chapter (5 pre-trainings, ~11 fine-tunings) in ~20 minutes
-            "cpu": dict(image_size=96, vision_width=384, vision_depth=3, vision_heads=6,
-                        text_backbone="minilm", text_depth=3, queue_size=1024),
-            "gpu": dict(image_size=224, finetune_image_size=480, vision_width=768, vision_depth=12,
-                        vision_heads=12, vit_pretrained="vit_base_patch16_224",
-                        text_backbone="bert-base-uncased", queue_size=57600),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(presets)}")
-        values = dict(presets[name])
-        if not isinstance(profile, str):
-            values.update(image_size=profile.image_size, text_backbone=profile.text_backbone)
-        values.update(overrides)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> MISSConfig:
-        return dataclasses.replace(self, **changes)
 
 
 class MISS(AnswerDecoding, nn.Module):
@@ -298,10 +231,7 @@ class MISS(AnswerDecoding, nn.Module):
             text_feat_m = F.normalize(self.text_proj_m(text_cls_m), dim=-1)
             image_feat_all = torch.cat([image_feat_m, self.image_queue.get()])
             text_feat_all = torch.cat([text_feat_m, self.text_queue.get()])
-            targets = None
-            if ids is not None:
-                pos = (ids[:, None] == torch.cat([ids, self.idx_queue.get()])[None]).float()
-                targets = pos / pos.sum(1, keepdim=True)
+            targets = losses.itc_targets(ids, self.idx_queue.get())
         loss_itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_all, text_feat_all,
                                               self.temp, targets, alpha, image_feat_m, text_feat_m)
 
@@ -317,8 +247,7 @@ class MISS(AnswerDecoding, nn.Module):
         itm_out = self.text_encoder(None, attention_mask, image_embeds, hidden=hidden, start=start,
                                     rows=text_rows, enc_index=image_rows, kv_cache=kv_cache,
                                     first_only=True)
-        itm_labels = (torch.arange(3 * b, device=images.device) < b).long()  # 1 = matched
-        loss_itm = F.cross_entropy(self.itm_head(itm_out[:, 0]), itm_labels)
+        loss_itm = losses.itm_loss(self.itm_head(itm_out[:, 0]), n_matched=b)
 
         # decoder: masked (Eq. 5) or plain causal language modelling, cross-attending to the image
         queries = None
@@ -326,7 +255,8 @@ class MISS(AnswerDecoding, nn.Module):
             queries, labels = masked_positions(labels)
         dec_out = self.text_decoder(None, attention_mask, image_embeds, hidden=embeds[-1],
                                     kv_cache=kv_cache, queries=queries)
-        loss_dec = self._token_loss(dec_out, labels, shift=c.decoder_objective == "lm")
+        decoder_loss = losses.mlm_loss if c.decoder_objective == "mlm" else losses.lm_loss
+        loss_dec = decoder_loss(dec_out, labels, self.lm_head)
 
         if self.training:
             self.image_queue.enqueue(image_feat_m)
@@ -335,16 +265,6 @@ class MISS(AnswerDecoding, nn.Module):
         loss = loss_itc + loss_itm + loss_dec
         return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
                 f"loss_{c.decoder_objective}": loss_dec.detach()}
-
-    def _token_loss(self, hidden: Tensor, labels: Tensor, shift: bool) -> Tensor:
-        """Cross-entropy of the LM head on labelled positions only (the head runs on those)."""
-        if shift:  # position t predicts token t+1
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        keep = labels != -100
-        logits = self.lm_head(hidden[keep])
-        if logits.shape[0] == 0:
-            return hidden.sum() * 0.0
-        return F.cross_entropy(logits.float(), labels[keep])
 
     @torch.no_grad()
     def itc_features(self, images: Tensor | None = None, input_ids: Tensor | None = None,
@@ -383,7 +303,7 @@ class MISS(AnswerDecoding, nn.Module):
         q, q_mask = self.encode_question(images, question_ids, question_mask, image_index)
         dec_ids, dec_mask = with_start(answer_ids, answer_mask, self.ids.dec, self.ids.cls)
         out = self.text_decoder(dec_ids, dec_mask, q, q_mask)
-        loss = self._token_loss(out, dec_ids.masked_fill(dec_mask == 0, -100), shift=True)
+        loss = losses.lm_loss(out, dec_ids.masked_fill(dec_mask == 0, -100), self.lm_head)
         return {"loss": loss}
 
     # ------------------------------------------------------------------ training-loop entry

@@ -1,8 +1,10 @@
-"""The MISS chapter's experiments: pre-training corpora, variants, retrieval, prior comparison.
+"""The MISS chapter's experiments: the TransCap pool, pre-training variants, fine-tuning
+factories, retrieval, and the paper's reported numbers.
 
-A study is sized by a run profile (:func:`study_plan`). Pre-training runs once per variant
-(full model, w/o TransCap, w/o JTM, TransCap at increasing amounts); fine-tuning then runs per
-dataset and seed from that variant's weights, always selecting the epoch on validation data.
+A study is sized by a run profile (:func:`~medvqa_lib.papers.miss.config.study_plan`).
+Pre-training runs once per variant (full model, w/o TransCap, w/o JTM, TransCap at increasing
+amounts); fine-tuning then runs per dataset and seed from that variant's weights, always
+selecting the epoch on validation data.
 
 Pre-training data (the paper: ROCO-style image-caption pairs + TransCap captions):
 
@@ -16,8 +18,7 @@ Pre-training data (the paper: ROCO-style image-caption pairs + TransCap captions
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from medvqa_lib.config import Profile
 from medvqa_lib.data.schema import CaptionSample, LabelledImage
 from medvqa_lib.experiments.generative import ImageCache, StageSettings, pretrain
 from medvqa_lib.experiments.runs import slug, snapshot
-from medvqa_lib.papers.miss.model import MISS, MISSConfig, build_miss, load_pretrained_for_finetune
+from medvqa_lib.papers.miss.config import MISSConfig, MISSStudy, study_plan
+from medvqa_lib.papers.miss.model import MISS, build_miss, load_pretrained_for_finetune
 from medvqa_lib.training import TrainResult, seed_everything
 
+# (``MISSStudy`` and ``study_plan`` live in config.py; they are importable from here too)
 __all__ = ["REPORTED", "MISSStudy", "study_plan", "transcap_pool", "pretrain_variant",
            "finetune_factory", "retrieval_recall"]
 
@@ -42,77 +45,7 @@ REPORTED: dict[str, list[tuple[str, float, float, float]]] = {  # Table 1 ("OURS
 }
 
 
-@dataclass
-class MISSStudy:
-    """Everything the chapter sizes from its profile (each field a chapter parameter)."""
-
-    model: MISSConfig
-    pretrain: StageSettings
-    finetune: StageSettings
-    #: fine-tuning epochs per dataset (small datasets get more)
-    finetune_epochs: dict[str, int]
-    #: image-caption pairs in the pre-training corpus
-    pairs: int
-    #: shares of the TransCap pool added to the pairs, increasing (the last one is the full model)
-    transcap_fractions: tuple[float, ...]
-    seeds: tuple[int, ...]
-    #: the dataset of the ablation table (SLAKE, as in the paper, when it is there)
-    ablation_dataset: str = "slake"
-    #: fine-tuning epochs of each ablation run (None: the dataset's own epochs)
-    ablation_epochs: int | None = None
-    #: fine-tune with a separate answer decoder (the public code) instead of the shared one
-    untie_decoder: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def epochs_for(self, dataset: str) -> int:
-        return self.finetune_epochs.get(dataset, self.finetune_epochs.get("default", self.finetune.epochs))
-
-    def finetune_settings(self, dataset: str, ablation: bool = False) -> StageSettings:
-        epochs = self.ablation_epochs if ablation and self.ablation_epochs else self.epochs_for(dataset)
-        return dataclasses.replace(self.finetune, epochs=epochs)
-
-
-_PLANS: dict[str, dict[str, Any]] = {
-    "smoke": dict(pretrain=dict(epochs=1, batch_size=16, lr=1e-4),
-                  finetune=dict(epochs=1, batch_size=16, lr=1e-4, eval_limit=32, group_size=1),
-                  finetune_epochs={"default": 1}, pairs=48, transcap_fractions=(0.5, 1.0)),
-    # sized to ~20 minutes on 2 cores; a high learning rate because there are few steps
-    # (at 1e-4 the decoder still answers every open question alike after 2 SLAKE epochs)
-    "cpu": dict(pretrain=dict(epochs=1, batch_size=32, lr=1e-4),
-                finetune=dict(epochs=2, batch_size=64, lr=5e-4, eval_limit=256, group_size=4),
-                # SLAKE's open answers still rose steeply from epoch 1 to 2 (validation 14 -> 38 %)
-                finetune_epochs={"vqa-rad": 3, "slake": 4, "synthetic": 2, "default": 2},
-                ablation_epochs=1, seeds=(0, 1), pairs=400, transcap_fractions=(0.5, 1.0)),
-    # the paper: AdamW, lr 2e-5, weight decay 0.05, cosine to 0; 100 pre-training and 200
-    # fine-tuning epochs; batch sizes of the public code (pre-training 32/GPU, VQA 16/GPU)
-    "gpu": dict(pretrain=dict(epochs=100, batch_size=32, lr=2e-5, warmup_ratio=0.0),
-                finetune=dict(epochs=200, batch_size=16, lr=2e-5, warmup_ratio=0.0, eval_limit=None),
-                finetune_epochs={"default": 200}, pairs=38_800, transcap_fractions=(0.22, 0.6, 1.0)),
-}
-
-
-def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> MISSStudy:
-    """The study of ``profile`` (``smoke``/``cpu``/``gpu``). ``overrides``: any
-    :class:`MISSStudy` field, plus ``model`` overrides as a dict and ``pretrain``/``finetune``
-    as dicts of :class:`StageSettings` fields."""
-    if profile.name not in _PLANS:
-        raise ValueError(f"no MISS study for profile {profile.name!r}; choose one of {', '.join(_PLANS)}")
-    plan = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _PLANS[profile.name].items()}
-    model_over = overrides.pop("model", None) or {}
-    for stage in ("pretrain", "finetune"):
-        plan[stage].update(overrides.pop(stage, None) or {})
-    out = Path(out_dir)
-    pre = StageSettings(**plan.pop("pretrain"), out_dir=out / "pretrain", progress=None)
-    fine = StageSettings(**plan.pop("finetune"), out_dir=out / "finetune", progress=None)
-    plan.update(overrides)
-    plan.setdefault("seeds", tuple(profile.seeds))
-    return MISSStudy(model=MISSConfig.from_profile(profile.name, **model_over), pretrain=pre,
-                     finetune=fine, **plan)
-
-
 # ----------------------------------------------------------------------------- corpora
-
-
 
 
 def transcap_pool(profile: Profile, suite: Mapping[str, Any], root: Path | None = None, seed: int = 0,
@@ -132,10 +65,6 @@ def transcap_pool(profile: Profile, suite: Mapping[str, Any], root: Path | None 
     return pretraining_items(items, (split,)), f"synthetic RSNA-like chest X-rays ({split} images)"
 
 
-
-
-
-
 # ----------------------------------------------------------------------------- runs
 
 
@@ -151,7 +80,7 @@ def pretrain_variant(label: str, config: MISSConfig, corpus: Sequence[CaptionSam
 
 
 def finetune_factory(config: MISSConfig, state: Mapping[str, torch.Tensor] | None, backbone: Any = None,
-                     untie_decoder: bool = False):
+                     untie_decoder: bool = False) -> Callable[[], MISS]:
     """``make_model()`` for :func:`~medvqa_lib.experiments.runs.finetune_and_test`: a fresh
     model at the fine-tuning image size, from pre-trained ``state`` (or none: w/o pre-training);
     ``untie_decoder`` gives the answer decoder its own weights, as the public VQA code does."""
@@ -193,5 +122,3 @@ def retrieval_recall(model: MISS, captions: Sequence[CaptionSample], tokenizer: 
         rows.append({"k": k, "image→text R@k": 100 * i2t, "text→image R@k": 100 * t2i,
                      "chance": 100 * k_ / n})
     return pd.DataFrame(rows).set_index("k").round(1)
-
-

@@ -1,4 +1,4 @@
-"""PaliGemma for radiology VQA: the model, its processor, LoRA, prompts and generation.
+"""PaliGemma for radiology VQA: the model, its processor, LoRA adapters and generation.
 
 Two ways to get a model, one code path after that:
 
@@ -19,17 +19,18 @@ paper's name list, given to peft literally, adapts only q/k/v of the vision towe
 ``vision_lora="literal"`` reproduces what the paper's list does. Gemma's ``gate_proj`` is
 not in the paper's list and stays frozen in both.
 
-The prompt is PaliGemma's task prefix ``"answer en <question>"``; the answer is the
-processor's ``suffix``, so ``labels`` are -100 everywhere except the answer tokens and the
-final ``<eos>`` (``token_type_ids`` = 1 there).
+The batches come from :class:`~medvqa_lib.papers.paligemma.data.VQACollator`; the loss is
+:func:`~medvqa_lib.papers.paligemma.losses.answer_only_loss` on the answer tokens. Sizes and
+LoRA settings are a :class:`~medvqa_lib.papers.paligemma.config.PaliGemmaSpec`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,72 +38,22 @@ from PIL import Image
 from torch import nn
 
 from medvqa_lib.errors import ConfigError, HubUnavailableError, unknown_name
+from medvqa_lib.papers.paligemma.config import (
+    LM_TARGETS,
+    VISION_TARGETS,
+    PaliGemmaSpec,
+    PaliGemmaStudy,
+)
+from medvqa_lib.papers.paligemma.data import TASK_PREFIX, format_prompt
+from medvqa_lib.papers.paligemma.losses import answer_only_loss
 
 __all__ = [
-    "HUB_MODELS", "LM_TARGETS", "VISION_TARGETS", "PaliGemmaSpec", "PaliGemmaVQA",
-    "train_tokenizer", "build_processor", "build_tiny", "load_hub_model", "build_paligemma",
-    "lora_target_names", "apply_lora", "trainable_share", "format_prompt", "VQACollator",
-    "patch_grid",
+    "PaliGemmaVQA", "train_tokenizer", "build_processor", "build_tiny", "load_hub_model", "build_paligemma",
+    "patch_grid", "lora_target_names", "apply_lora", "trainable_share", "build_model", "add_adapters",
+    "reset_adapters", "save_adapters", "load_adapters",
 ]
 
-HUB_MODELS = {448: "google/paligemma-3b-mix-448", 224: "google/paligemma-3b-mix-224"}
-TASK_PREFIX = "answer en"
-CAPTION_PREFIX = "caption en"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
-#: the paper's LoRA target names, as they exist in Gemma
-LM_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-#: SigLIP's modules for the same roles: literal name matches, and the role mapping
-VISION_TARGETS: dict[str, tuple[str, ...]] = {
-    "literal": ("q_proj", "k_proj", "v_proj"),
-    "equivalent": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-}
-
-
-@dataclass(frozen=True)
-class PaliGemmaSpec:
-    """Model sizes and adaptation settings (every field a chapter parameter)."""
-
-    #: "tiny" (built here) or a Hub id / local folder of a PaliGemma checkpoint
-    source: str = "tiny"
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    text_width: int = 64
-    text_depth: int = 2
-    text_heads: int = 2
-    text_head_dim: int = 32
-    tokenizer_vocab: int = 600
-    lora_r: int = 12
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # peft default; the paper gives none
-    vision_lora: str = "equivalent"
-    load_in_4bit: bool = False
-    dtype: str = "auto"
-
-    @classmethod
-    def from_profile(cls, name: str, **overrides: Any) -> PaliGemmaSpec:
-        """The spec of run profile ``name`` with ``overrides`` (``None`` keeps the default)."""
-        base = {
-            "smoke": cls(image_size=32, patch_size=8),
-            "cpu": cls(image_size=64, patch_size=8, vision_width=96, vision_depth=3, vision_heads=3,
-                       text_width=128, text_depth=3, text_heads=4, text_head_dim=32,
-                       tokenizer_vocab=1500),
-            "gpu": cls(source=HUB_MODELS[448], image_size=448, patch_size=14, dtype="bf16"),
-        }
-        if name not in base:
-            raise unknown_name("PaliGemma profile", name, base)
-        spec = replace(base[name], **{k: v for k, v in overrides.items() if v is not None})
-        if spec.vision_lora not in VISION_TARGETS:
-            raise unknown_name("vision_lora mapping", spec.vision_lora, VISION_TARGETS)
-        if spec.image_size % spec.patch_size:
-            raise ConfigError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
-        return spec
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.source == "tiny"
 
 
 # ----------------------------------------------------------------------------- tokenizer / processor
@@ -286,30 +237,7 @@ def trainable_share(model: nn.Module) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "share_pct": 100.0 * trainable / max(total, 1)}
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-def format_prompt(question: str, prefix: str = TASK_PREFIX) -> str:
-    """``"<image>answer en <question>"`` (the processor adds ``<bos>`` after the image and a
-    newline at the end)."""
-    return f"<image>{prefix} {' '.join(str(question).split())}"
-
-
-class VQACollator:
-    """Items ``{"image": PIL, "question", "answer", ...}`` → a processor batch with labels on
-    answer tokens only (``prefix`` picks the task: ``"answer en"`` or ``"caption en"``)."""
-
-    def __init__(self, processor: Any, prefix: str = TASK_PREFIX, max_length: int | None = None) -> None:
-        self.processor, self.prefix, self.max_length = processor, prefix, max_length
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [format_prompt(it["question"], it.get("prefix", self.prefix)) for it in items]
-        batch = self.processor(images=[it["image"] for it in items], text=prompts,
-                               suffix=[str(it["answer"]) for it in items], return_tensors="pt",
-                               padding="longest")
-        out = dict(batch)
-        out["qids"] = [str(it.get("qid", i)) for i, it in enumerate(items)]
-        return out
+# ----------------------------------------------------------------------------- the model
 
 
 class PaliGemmaVQA(nn.Module):
@@ -335,10 +263,11 @@ class PaliGemmaVQA(nn.Module):
         return patch_grid(self.config)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"loss"}``: the answer-only loss of the batch (labels -100 off the answer)."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
-                                                           "token_type_ids", "labels")}
-        out = self.model(**inputs)
-        return {"loss": out.loss}
+                                                           "token_type_ids")}
+        logits = self.model(**inputs).logits
+        return {"loss": answer_only_loss(logits, batch["labels"])}
 
     def encode(self, images: Sequence[Image.Image], questions: Sequence[str],
                prefix: str = TASK_PREFIX) -> dict[str, torch.Tensor]:
@@ -366,3 +295,48 @@ class PaliGemmaVQA(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the trainable tensors (the LoRA adapters)."""
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- the chapter's model steps
+
+
+def build_model(study: PaliGemmaStudy, texts: Sequence[str], token: str | None = None) -> PaliGemmaVQA:
+    """The base PaliGemma (tiny: tokenizer trained on ``texts``) without adapters yet."""
+    model, processor = build_paligemma(study.spec, texts, token)
+    return PaliGemmaVQA(model, processor)
+
+
+def add_adapters(vqa: PaliGemmaVQA, study: PaliGemmaStudy) -> dict[str, float]:
+    """Freeze the base and add the LoRA adapters; returns the trainable share."""
+    vqa.model = apply_lora(vqa.model, study.spec)
+    return trainable_share(vqa)
+
+
+def reset_adapters(vqa: PaliGemmaVQA, seed: int) -> None:
+    """Fresh LoRA weights (A random, B zero: the adapted model equals the base)."""
+    torch.manual_seed(seed)
+    for module in vqa.modules():
+        if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+            module.reset_lora_parameters("default", True)
+
+
+def save_adapters(vqa: PaliGemmaVQA, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """The trainable (adapter) tensors as one safetensors file, written atomically."""
+    from medvqa_lib.io import atomic_save_safetensors
+
+    path = Path(path)
+    atomic_save_safetensors(vqa.trainable_state(), path,
+                            metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+    return path
+
+
+def load_adapters(vqa: PaliGemmaVQA, path: str | Path) -> None:
+    """Load adapter tensors saved by :func:`save_adapters` (every trainable tensor must match)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = {n for n, p in vqa.named_parameters() if p.requires_grad}
+    if set(state) != own:
+        raise ValueError(f"{path} does not hold this model's adapters "
+                         f"({len(set(state) ^ own)} names differ)")
+    vqa.load_state_dict(state, strict=False)

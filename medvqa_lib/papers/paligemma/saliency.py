@@ -1,9 +1,15 @@
-"""Attention saliency for transformer VLMs: raw attention and attention rollout.
+"""Attention saliency (Section 6): raw attention (Eq. 2), attention rollout, and both for a
+PaliGemma answer (:func:`saliency_for`).
 
-All functions take attention probabilities of one example, one tensor per layer of shape
-``heads x T x T`` (row = query, column = key), and token index lists; nothing here knows
-about a particular model. Maps over image patches are reshaped to the model's own
+The generic functions take attention probabilities of one example, one tensor per layer of
+shape ``heads x T x T`` (row = query, column = key), and token index lists; they know
+nothing about a particular model. Maps over image patches are reshaped to the model's own
 ``grid x grid`` patch layout by :func:`to_grid`.
+
+Raw attention, Eq. 2 of the paper: ``A = softmax(Q K^T / sqrt(d_k))`` with the queries of the
+selected response tokens and the keys of the image patches (Figure 10), or the other way
+round, a patch and the response tokens (Figure 11): :func:`raw_attention_map`,
+:func:`patch_to_tokens`.
 
 Attention rollout (Abnar & Zuidema, 2020; the variant with head fusion and discarding of
 Gildenblat's ViT explainability notes): per layer, fuse the heads (mean/max/min), optionally
@@ -16,12 +22,16 @@ position ``i`` at the top of the stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from medvqa_lib.errors import unknown_name
+from medvqa_lib.papers.paligemma.model import PaliGemmaVQA
 
-__all__ = ["HEAD_FUSIONS", "fuse_heads", "rollout", "raw_attention_map", "patch_to_tokens", "to_grid"]
+__all__ = ["HEAD_FUSIONS", "fuse_heads", "rollout", "raw_attention_map", "patch_to_tokens", "to_grid",
+           "Saliency", "saliency_for"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -69,8 +79,9 @@ def rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean",
 
 def raw_attention_map(attention: torch.Tensor, head: int, queries: Sequence[int],
                       keys: Sequence[int]) -> torch.Tensor:
-    """One head's attention from ``queries`` (e.g. response tokens) to ``keys`` (e.g. image
-    patches), averaged over the queries: a vector with one value per key."""
+    """Eq. 2 of the paper, read from the model: one head's attention probabilities
+    ``softmax(Q K^T / sqrt(d_k))`` from ``queries`` (e.g. the response tokens) to ``keys``
+    (e.g. the image patches), averaged over the queries: a vector with one value per key."""
     a = attention.detach().cpu().float()
     a = a[head] if a.dim() == 3 else a
     return a[list(queries)][:, list(keys)].mean(0)
@@ -78,8 +89,9 @@ def raw_attention_map(attention: torch.Tensor, head: int, queries: Sequence[int]
 
 def patch_to_tokens(attention: torch.Tensor, head: int, patch: int, tokens: Sequence[int],
                     k: int = 7) -> tuple[torch.Tensor, list[int]]:
-    """How much each of ``tokens`` (e.g. response tokens) attends to one image ``patch``
-    position, and the positions in ``tokens`` of the ``k`` highest.
+    """Eq. 2 the other way round (Figure 11): how much each of ``tokens`` (e.g. response
+    tokens) attends to one image ``patch`` position, and the positions in ``tokens`` of the
+    ``k`` highest.
 
     In a decoder (PaliGemma's prefix-LM included) an image patch cannot attend to tokens that
     come after it, so the patch → response relation is read from the patch's column: the
@@ -96,3 +108,61 @@ def to_grid(values: torch.Tensor, grid: int) -> torch.Tensor:
     if values.numel() != grid * grid:
         raise ValueError(f"{values.numel()} patch values do not fill a {grid}x{grid} grid")
     return values.reshape(grid, grid)
+
+
+# ----------------------------------------------------------------------------- PaliGemma
+
+
+@dataclass
+class Saliency:
+    """Saliency of one (image, question): maps over the model's patch grid and response tokens."""
+
+    answer: str
+    tokens: list[str]
+    raw_map: torch.Tensor
+    rollout_map: torch.Tensor
+    patch: int
+    patch_weights: torch.Tensor
+    top_tokens: list[int]
+    layer: int
+    head: int
+
+
+@torch.no_grad()
+def saliency_for(vqa: PaliGemmaVQA, image: Any, question: str, *, layer: int = -2, head: int = 0,
+                 head_fusion: str = "mean", discard_ratio: float = 0.9, top_k: int = 7,
+                 max_new_tokens: int = 10) -> Saliency:
+    """Answer ``question`` about ``image`` greedily, then read the language model's attention:
+    one head of ``layer`` from the response tokens to the image patches (Figure 10), the
+    response tokens most attending to the brightest patch (Figure 11), and attention rollout
+    over all layers (Figure 14), all on the model's own patch grid."""
+    vqa.eval()
+    image = image.convert("RGB")
+    answer = vqa.answer([image], [question], max_new_tokens=max_new_tokens)[0]
+    tok = vqa.processor.tokenizer
+    inputs = vqa.encode([image], [question])
+    prompt_len = inputs["input_ids"].shape[1]
+    answer_ids = tok(answer, add_special_tokens=False, return_tensors="pt")["input_ids"].to(inputs["input_ids"].device)
+    if answer_ids.shape[1] == 0:
+        answer_ids = torch.tensor([[tok.eos_token_id]], device=answer_ids.device)
+    ids = torch.cat([inputs["input_ids"], answer_ids], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(answer_ids)], 1)
+    types = torch.cat([torch.zeros_like(inputs["input_ids"]), torch.ones_like(answer_ids)], 1)
+    out = vqa.model(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                    pixel_values=inputs["pixel_values"], output_attentions=True)
+    layers = [a[0] for a in out.attentions]
+    image_pos = (ids[0] == vqa.processor.image_token_id).nonzero().flatten().tolist()
+    response = list(range(prompt_len, ids.shape[1]))
+    grid = vqa.grid
+    n_layers = len(layers)
+    layer_i = layer % n_layers
+    head_i = head % layers[layer_i].shape[0]
+    raw = raw_attention_map(layers[layer_i], head_i, response, image_pos)
+    patch = image_pos[int(raw.argmax())]
+    weights, top = patch_to_tokens(layers[layer_i], head_i, patch, response, k=top_k)
+    roll = rollout(layers, head_fusion, discard_ratio)
+    roll_map = roll[response][:, image_pos].mean(0)
+    return Saliency(answer=answer, tokens=tok.convert_ids_to_tokens(answer_ids[0].tolist()),
+                    raw_map=to_grid(raw, grid), rollout_map=to_grid(roll_map, grid),
+                    patch=image_pos.index(patch), patch_weights=weights, top_tokens=top,
+                    layer=layer_i, head=head_i)
