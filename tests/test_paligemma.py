@@ -159,3 +159,23 @@ def test_raw_attention_and_patch_queries():
     assert to_grid(torch.arange(4.0), 2).shape == (2, 2)
     with pytest.raises(ValueError):
         to_grid(torch.arange(5.0), 2)
+
+
+def test_the_tokenizer_is_the_same_in_every_process():
+    """Same texts, same ids: two fresh interpreters (different hash seeds) build one vocabulary."""
+    import subprocess
+    import sys
+
+    code = ("from medvqa_lib.papers.paligemma.model import train_tokenizer as t; "
+            "texts = ['answer en is the liver normal', 'no', 'yes', 'caption en axial ct of the liver', "
+            "'caption en chest x-ray, left lung nodule', 'answer en which lung']; "
+            "v = t(texts, 80).get_vocab(); print(sorted(v.items(), key=lambda kv: kv[1]))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2)]
+    assert runs[0] == runs[1] and "liver" in runs[0]
+    from medvqa_lib.papers.paligemma.model import train_tokenizer
+
+    tok = train_tokenizer(["the liver", "the lung", "a liver"], 40)
+    assert tok.tokenize("the lunge") == ["the", "lung", "##e"]  # whole words, then pieces
+    assert len(tok) <= 40

@@ -48,6 +48,7 @@ from medvqa_lib.nn.patches import (
 from medvqa_lib.nn.vit import (
     build_vit,
     interpolate_pos_embed,
+    load_matching_weights,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "interpolate_pos_embed",
     "itc_loss",
     "load_bert_weights",
+    "load_matching_weights",
     "mask_tokens",
     "masked_count",
     "masked_positions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
@@ -58,7 +59,7 @@ def interpolate_pos_embed(state_dict_or_model: dict[str, Tensor] | nn.Module, ne
 
     if isinstance(state_dict_or_model, nn.Module):
         for m in state_dict_or_model.modules():
-            if isinstance(m, VisionTransformer):
+            if isinstance(m, VisionTransformer) and tuple(m.patch_embed.img_size) != (new_image_size,) * 2:
                 m.set_input_size(img_size=(new_image_size, new_image_size))
         return state_dict_or_model
     grid = new_image_size // patch_size
@@ -67,3 +68,24 @@ def interpolate_pos_embed(state_dict_or_model: dict[str, Tensor] | nn.Module, ne
         if k.endswith("pos_embed") and v.dim() == 3:
             out[k] = resample_abs_pos_embed(v, new_size=[grid, grid], num_prefix_tokens=1)
     return out
+
+
+def load_matching_weights(model: nn.Module, state_dict: Mapping[str, Tensor], image_size: int | None = None,
+                          patch_size: int = 16) -> dict[str, list[str]]:
+    """Load the entries of ``state_dict`` whose name and shape match ``model`` (a DDP
+    ``module.`` prefix is dropped); the rest is reported, never silently forced.
+
+    With ``image_size``, the ViT position embeddings of the model (in place) and of the state dict
+    are first resized to it (:func:`interpolate_pos_embed`), as when fine-tuning at a larger size
+    than pre-training. Returns the ``loaded``, ``skipped`` (in the state dict, not loaded) and
+    ``missing`` (in the model, not in the state dict) keys.
+    """
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if image_size is not None:
+        interpolate_pos_embed(model, image_size)
+        sd = interpolate_pos_embed(sd, image_size, patch_size)
+    own = model.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(keep, strict=False)
+    return {"loaded": sorted(keep), "skipped": sorted(set(sd) - set(keep)),
+            "missing": sorted(set(own) - set(keep))}

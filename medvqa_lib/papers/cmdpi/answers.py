@@ -12,7 +12,7 @@ from torch import Tensor
 
 from medvqa_lib.evaluation.answers import AnswerVocabulary
 from medvqa_lib.evaluation.normalize import normalize_answer
-from medvqa_lib.nn import LMHead
+from medvqa_lib.nn import LMHead, load_matching_weights
 
 if TYPE_CHECKING:
     from medvqa_lib.papers.cmdpi.model import CMDPI
@@ -74,16 +74,15 @@ def load_pretrained_for_finetune(model: CMDPI, state_dict: Mapping[str, Tensor],
     """Load pre-trained weights into ``model`` (which holds the fine-tuning answer set): all
     entries of matching shape, and FFN_A's output rows by answer string via
     ``pretrained_vocab``. Returns ``loaded``, ``skipped``, ``missing`` keys and ``answer_rows``."""
+    report = load_matching_weights(model, state_dict)
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    own = model.state_dict()
-    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(keep, strict=False)
     rows = 0
     if pretrained_vocab is not None and model.answer_vocab is not None and "ffn_a.decoder.weight" in sd:
         old = LMHead(model.config.dim, sd["ffn_a.decoder.weight"].shape[0])
         old.load_state_dict({k.removeprefix("ffn_a."): v for k, v in sd.items() if k.startswith("ffn_a.")})
         new, rows = _head_rows(old, pretrained_vocab, model.answer_vocab, model.config.dim)
         model.ffn_a.load_state_dict(new.state_dict())
-        keep.update({k: v for k, v in sd.items() if k.startswith("ffn_a.")})
-    return {"loaded": sorted(keep), "skipped": sorted(set(sd) - set(keep)),
-            "missing": sorted(set(own) - set(keep)), "answer_rows": rows}
+        head = {k for k in sd if k.startswith("ffn_a.")}
+        report = {"loaded": sorted({*report["loaded"], *head}), "skipped": sorted(set(report["skipped"]) - head),
+                  "missing": sorted(set(report["missing"]) - head)}
+    return {**report, "answer_rows": rows}

@@ -63,9 +63,9 @@ from medvqa_lib.nn import (
     copy_params,
     hard_negative_indices,
     image_id_tensor,
-    interpolate_pos_embed,
     itc_loss,
     load_bert_weights,
+    load_matching_weights,
     mask_tokens,
     masked_positions,
     momentum_update,
@@ -341,15 +341,8 @@ def load_pretrained_for_finetune(model: MISS, state_dict: Mapping[str, Tensor],
     skipped. ``untie=True`` then gives the decoder its own copy of the shared modules
     (:meth:`MISS.untie_decoder`, the public code's VQA layout). Returns the ``loaded``, ``skipped`` and ``missing`` keys."""
     size = new_image_size or model.config.finetune_image_size or model.config.image_size
-    if model.visual_encoder.patch_embed.img_size[0] != size:
-        interpolate_pos_embed(model, size)
-        model.config = model.config.replace(image_size=size)
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    sd = interpolate_pos_embed(sd, size, model.config.patch_size)
-    own = model.state_dict()
-    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(keep, strict=False)
+    report = load_matching_weights(model, state_dict, size, model.config.patch_size)
+    model.config = model.config.replace(image_size=size)
     if untie:
         model.untie_decoder()
-    return {"loaded": sorted(keep), "skipped": sorted(set(sd) - set(keep)),
-            "missing": sorted(set(own) - set(keep))}
+    return report

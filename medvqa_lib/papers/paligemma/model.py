@@ -60,26 +60,34 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 600) -> Any:
-    """A lower-casing WordPiece tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``
+    """A lower-casing WordPiece tokenizer built from ``texts``, as a ``PreTrainedTokenizerFast``
     with ``<pad> <eos> <bos> <unk> <image>``; pairs get ``token_type_ids`` 0 then 1 (the
-    processor turns the second part, the answer, into labels)."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    processor turns the second part, the answer, into labels).
+
+    The vocabulary is built deterministically (the same texts give the same ids in every
+    process): the special tokens, every character (word-initial and as a ``##`` continuation), then
+    the most frequent words, ties broken alphabetically, up to ``vocab_size``. (The ``tokenizers``
+    trainer breaks frequency ties in hash order, which changes from one process to the next.)
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    splitter = pre_tokenizers.Whitespace()
+    words = Counter(w for text in texts for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({c for w in words for c in w})
+    chars = alphabet + [f"##{c}" for c in alphabet]
+    vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *chars]))
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in vocab:
+            vocab.append(word)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
