@@ -3,6 +3,7 @@
 import nbformat
 import pytest
 
+from medvqa_lib import execute
 from medvqa_lib import reproduce as rp
 from medvqa_lib.errors import UnknownNameError
 
@@ -40,7 +41,7 @@ def test_injected_parameters_cell_is_hidden(tmp_path):
                 nbformat.v4.new_code_cell("x = 1")]
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
-    rp.hide_injected_parameters(path)
+    execute.hide_injected_parameters(path)
     cells = nbformat.read(path, as_version=4).cells
     assert cells[0].metadata["tags"] == ["injected-parameters", "hide-cell"]
     assert "tags" not in cells[1].metadata
@@ -63,7 +64,7 @@ def test_failing_notebook_is_reported_and_run_goes_on(tmp_path):
                  nbformat.v4.new_code_cell("raise ValueError('boom')")]
     src = tmp_path / "bad.ipynb"
     nbformat.write(bad, src)
-    run = rp.execute_notebook(src, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"})
+    run = execute.execute_notebook(src, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"})
     assert not run.ok and "ValueError: boom" in run.error
     assert (tmp_path / "out" / "bad.ipynb").exists()
 
@@ -77,7 +78,7 @@ def test_kernels_run_over_ipc_without_the_tcp_warning(tmp_path, capfd):
                 nbformat.v4.new_code_cell("print('x is', x)")]
     src = tmp_path / "tiny.ipynb"
     nbformat.write(nb, src)
-    run = rp.execute_notebook(src, tmp_path / "out" / "tiny.ipynb", {"x": 5})
+    run = execute.execute_notebook(src, tmp_path / "out" / "tiny.ipynb", {"x": 5})
     assert run.ok, run.error
     assert "x is 5" in (tmp_path / "out" / "tiny.ipynb").read_text()
     assert "without encryption" not in capfd.readouterr().err
