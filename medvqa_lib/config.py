@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,27 @@ class RunContext:
         if self.data_root is not None:
             return f"folder {self.data_root}"
         return "the Hugging Face Hub" if self.real else "the built-in synthetic data"
+
+
+# ----------------------------------------------------------------------------- paper plans
+
+
+def plan_of(plans: Mapping[str, Mapping[str, Any]], profile: str | Profile, paper: str) -> dict[str, Any]:
+    """A copy of ``plans[profile's name]`` (a paper's ``PLANS``), its dict values copied too, so
+    that a study never edits the plan it came from; an unknown profile lists the known ones."""
+    name = getattr(profile, "name", profile)
+    if name not in plans:
+        raise ConfigError(f"unknown profile {name!r}: there is no {paper} plan for it; choose one of "
+                          f"{', '.join(plans)}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in plans[name].items()}
+
+
+def checked(what: str, values: Mapping[str, Any] | None, valid: type | Iterable[str]) -> dict[str, Any]:
+    """``values`` without its None entries (None keeps the plan's value); a key that is not in
+    ``valid`` (names, or a dataclass's fields) raises a :class:`ConfigError` naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(valid)} if isinstance(valid, type) else set(valid)
+    values = dict(values or {})
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ConfigError(f"unknown {what} {', '.join(map(repr, bad))}; valid ones are: {', '.join(sorted(names))}")
+    return {k: v for k, v in values.items() if v is not None}

@@ -81,7 +81,7 @@ def test_study_plan_follows_the_profile_and_overrides(tmp_path):
         study_plan(get_profile("cpu"), tmp_path, pretrain_vqa="all")
     with pytest.raises(ValueError, match="max_text_len"):
         study_plan(get_profile("cpu"), tmp_path, finetune={"max_text_len": 500})
-    with pytest.raises(ValueError, match="no CMDPI study"):
+    with pytest.raises(ValueError, match="no CMDPI plan"):
         study_plan(replace(get_profile("cpu"), name="tpu"), tmp_path)
 
 

@@ -49,3 +49,26 @@ def test_resolve_data_dir(tmp_path, monkeypatch):
     assert resolve_data_dir("synthetic") is None  # an explicit choice wins over the variable
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_data_dir(tmp_path / "missing")
+
+
+def test_plan_helpers_shared_by_every_paper():
+    from dataclasses import dataclass
+
+    from medvqa_lib.config import checked, plan_of
+
+    plans = {"smoke": {"model": {"depth": 2}, "epochs": 1}}
+    plan = plan_of(plans, get_profile("smoke"), "Toy")
+    plan["model"]["depth"] = 9  # a copy: the plan itself is never edited
+    assert plans["smoke"]["model"]["depth"] == 2 and plan["epochs"] == 1
+    with pytest.raises(ConfigError, match="unknown profile 'cpu': there is no Toy plan for it; choose one of smoke"):
+        plan_of(plans, "cpu", "Toy")
+
+    @dataclass
+    class Study:
+        epochs: int = 1
+        lr: float = 0.1
+
+    assert checked("toy key(s)", {"epochs": 3, "lr": None}, Study) == {"epochs": 3}  # None: keep the plan's
+    assert checked("toy key(s)", None, ("a",)) == {}
+    with pytest.raises(ConfigError, match=r"unknown toy key\(s\) 'epoch', 'rate'; valid ones are: epochs, lr"):
+        checked("toy key(s)", {"epoch": 2, "rate": 1, "lr": 3}, Study)

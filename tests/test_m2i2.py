@@ -97,7 +97,7 @@ def test_profiles():
     assert M2I2Config.from_profile(get_profile("cpu", image_size=64)).image_size == cpu.image_size == 96
     with pytest.raises(ValueError, match="mask_ratio"):
         M2I2Config(mask_ratio=0.0)
-    with pytest.raises(ConfigError, match="unknown profile 'tpu'; choose one of smoke, cpu, gpu"):
+    with pytest.raises(ConfigError, match="unknown profile 'tpu': there is no M2I2 plan for it; choose one of smoke, cpu, gpu"):
         M2I2Config.from_profile("tpu")
 
 

@@ -317,7 +317,7 @@ def test_unknown_profile_is_refused(tmp_path):
     from medvqa_lib.config import Profile
 
     odd = Profile(**{**get_profile("smoke").__dict__, "name": "tpu"})
-    with pytest.raises(ValueError, match="no M2I2 study"):
+    with pytest.raises(ValueError, match="no M2I2 plan"):
         study_plan(odd, tmp_path)
 
 
@@ -327,12 +327,12 @@ def test_study_plan_drops_none_and_names_the_valid_keys(tmp_path):
     same = study_plan(smoke, tmp_path, pairs=None, seeds=None, rank_k=None, model={"image_size": None},
                       pretrain={"epochs": None, "lr": None}, finetune=None)
     assert same == base
-    with pytest.raises(ConfigError, match="unknown M2I2 study key.*pairz.*valid keys:.*pairs") as err:
+    with pytest.raises(ConfigError, match="unknown M2I2 study key.*pairz.*valid ones are:.*pairs") as err:
         study_plan(smoke, tmp_path, pairz=10)
     assert "ablation_epochs" in str(err.value) and "model" in str(err.value)
-    with pytest.raises(ConfigError, match="unknown M2I2 model key.*vision_dept\\b.*valid keys:.*vision_depth"):
+    with pytest.raises(ConfigError, match="unknown M2I2 model key.*vision_dept\\b.*valid ones are:.*vision_depth"):
         study_plan(smoke, tmp_path, model={"vision_dept": 2})
-    with pytest.raises(ConfigError, match="unknown M2I2 finetune key.*beams.*valid keys:.*num_beams"):
+    with pytest.raises(ConfigError, match="unknown M2I2 finetune key.*beams.*valid ones are:.*num_beams"):
         study_plan(smoke, tmp_path, finetune={"beams": 2})
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvqa_lib.config import Profile
+from medvqa_lib.config import Profile, checked, plan_of
 from medvqa_lib.errors import ConfigError
 from medvqa_lib.experiments.generative import StageSettings
 
@@ -117,7 +117,7 @@ class CMDPIConfig:
     def from_profile(cls, profile: str | Profile, **overrides: Any) -> CMDPIConfig:
         """The model of ``PLANS[profile]["model"]`` (a name or a :class:`Profile`, of which only
         the name is used) with ``overrides`` applied."""
-        return cls(**{**_plan(profile)["model"], **overrides})
+        return cls(**{**plan_of(PLANS, profile, "CMDPI")["model"], **overrides})
 
     def replace(self, **changes: Any) -> CMDPIConfig:
         return dataclasses.replace(self, **changes)
@@ -301,24 +301,7 @@ PLANS: dict[str, dict[str, Any]] = {
 CPU_SECONDS_PER_1000 = {"pretrain": 62.0, "finetune": 27.0, "predict": 3.0}
 
 
-def _plan(profile: str | Profile) -> dict[str, Any]:
-    name = getattr(profile, "name", profile)
-    if name not in PLANS:
-        raise ConfigError(f"unknown profile {name!r}: there is no CMDPI study for it; choose one of "
-                          f"{', '.join(PLANS)}")
-    return PLANS[name]
 
-
-def _checked(what: str, values: Mapping[str, Any], valid: set[str]) -> dict[str, Any]:
-    """``values`` without its None entries; a ConfigError names the valid keys on an unknown one."""
-    bad = sorted(set(values) - valid)
-    if bad:
-        raise ConfigError(f"unknown {what} {', '.join(map(repr, bad))}; valid ones are: {', '.join(sorted(valid))}")
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> CMDPIStudy:
@@ -331,15 +314,15 @@ def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> CMDPI
     result); an unknown key raises a :class:`~medvqa_lib.errors.ConfigError` that names the
     valid ones. ``seeds`` default to the profile's; ``ablation_seeds`` to the first seed.
     """
-    plan = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _plan(profile).items()}
-    overrides = _checked("CMDPI study parameter(s)", overrides, _fields(CMDPIStudy))
-    model = _checked("CMDPI model parameter(s)", overrides.pop("model", None) or {}, _fields(CMDPIConfig))
+    plan = plan_of(PLANS, profile, "CMDPI")
+    overrides = checked("CMDPI study parameter(s)", overrides, CMDPIStudy)
+    model = checked("CMDPI model parameter(s)", overrides.pop("model", None), CMDPIConfig)
     stages = {}
     for stage in ("pretrain", "finetune"):
-        given = _checked(f"{stage} setting(s)", overrides.pop(stage, None) or {}, _fields(StageSettings))
+        given = checked(f"{stage} setting(s)", overrides.pop(stage, None), StageSettings)
         stages[stage] = StageSettings(**{**plan.pop(stage), "out_dir": Path(out_dir) / stage, "progress": None,
                                          **given})
-    sweeps = {**plan.pop("sweeps"), **_checked("sweep(s)", overrides.pop("sweeps", None) or {}, set(SWEEPS))}
+    sweeps = {**plan.pop("sweeps"), **checked("sweep(s)", overrides.pop("sweeps", None), SWEEPS)}
     sweeps = {k: [tuple(p) if isinstance(p, (list, tuple)) else p for p in v] for k, v in sweeps.items()}
     plan["finetune_epochs"] = {**plan["finetune_epochs"], **(overrides.pop("finetune_epochs", None) or {})}
     plan.update(overrides)

@@ -3,10 +3,10 @@ profile (:data:`PLANS`, resolved by :func:`study_plan`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from medvqa_lib.config import checked, plan_of
 from medvqa_lib.errors import ConfigError, unknown_name
 
 #: the methods of the book, in chapter order (their ``method`` column in the stored runs)
@@ -75,16 +75,10 @@ def study_plan(profile: Any, out_dir: Any = None, **overrides: Any) -> Compariso
     """The plan of ``profile`` (``smoke``/``cpu``/``gpu``); ``overrides`` are
     :class:`ComparisonPlan` fields (``None`` keeps the plan's value). ``out_dir`` is unused:
     the signature is every paper's ``study_plan``."""
-    name = getattr(profile, "name", profile)
-    if name not in PLANS:
-        raise unknown_name("comparison profile", name, PLANS)
-    plan: dict[str, Any] = dict(PLANS[name], methods=METHODS,
-                                bootstrap_resamples=getattr(profile, "bootstrap_resamples", 1000))
-    fields = {f.name for f in dataclasses.fields(ComparisonPlan)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ConfigError(f"unknown comparison parameter(s) {bad}; valid ones are {sorted(fields)}")
-    plan.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
+    plan = dict(plan_of(PLANS, profile, "comparison"), methods=METHODS,
+                bootstrap_resamples=getattr(profile, "bootstrap_resamples", 1000))
+    given = checked("comparison parameter(s)", overrides, ComparisonPlan)
+    plan.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()})
     for m in plan["methods"]:
         if m not in METHODS:
             raise unknown_name("method", m, METHODS)

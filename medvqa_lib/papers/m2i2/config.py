@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvqa_lib.config import Profile
+from medvqa_lib.config import Profile, checked, plan_of
 from medvqa_lib.data.schema import VQASample
-from medvqa_lib.errors import ConfigError
 from medvqa_lib.experiments.generative import StageSettings
 
 __all__ = ["CPU_SPEEDS", "FULL", "PLANS", "LoggedStage", "M2I2Config", "M2I2Study", "ablation_configs",
@@ -87,10 +86,7 @@ class M2I2Config:
     def from_profile(cls, profile: str | Profile, **overrides: Any) -> M2I2Config:
         """The model of ``PLANS[profile]["model"]`` with ``overrides``. A
         :class:`~medvqa_lib.config.Profile` also brings its text backbone (a shared knob)."""
-        name = getattr(profile, "name", profile)
-        if name not in PLANS:
-            raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PLANS)}")
-        values: dict[str, Any] = dict(PLANS[name]["model"])
+        values: dict[str, Any] = dict(plan_of(PLANS, profile, "M2I2")["model"])
         if isinstance(profile, Profile):
             values["text_backbone"] = profile.text_backbone
         values.update(overrides)
@@ -251,15 +247,6 @@ CPU_SPEEDS = {"pretrain": 17.0, "finetune": 47.0, "answer": 150.0}
 _NESTED = {"model": M2I2Config, "pretrain": LoggedStage, "finetune": LoggedStage}
 
 
-def _check_keys(where: str, keys: Any, valid: Sequence[str]) -> None:
-    bad = sorted(set(keys) - set(valid))
-    if bad:
-        raise ConfigError(f"unknown M2I2 {where} key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(valid))}")
-
-
-def _given(values: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``values`` without the entries that are None ("keep the plan's value")."""
-    return {k: v for k, v in (values or {}).items() if v is not None}
 
 
 def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> M2I2Study:
@@ -270,15 +257,9 @@ def study_plan(profile: Profile, out_dir: str | Path, **overrides: Any) -> M2I2S
     ``finetune_epochs`` updates the plan's per-dataset epochs. A value of None (also inside the
     dicts) keeps the plan's. An unknown key raises :class:`~medvqa_lib.errors.ConfigError`
     naming the valid ones. The model's text backbone is the profile's."""
-    if profile.name not in PLANS:
-        raise ConfigError(f"no M2I2 study for profile {profile.name!r}; choose one of {', '.join(PLANS)}")
-    overrides = _given(overrides)
-    _check_keys("study", overrides, [f.name for f in dataclasses.fields(M2I2Study)])
-    nested = {}
-    for key, kind in _NESTED.items():
-        nested[key] = _given(overrides.pop(key, None))
-        _check_keys(f"{key}", nested[key], [f.name for f in dataclasses.fields(kind)])
-    plan = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PLANS[profile.name].items()}
+    plan = plan_of(PLANS, profile, "M2I2")
+    overrides = checked("M2I2 study key(s)", overrides, M2I2Study)
+    nested = {key: checked(f"M2I2 {key} key(s)", overrides.pop(key, None), kind) for key, kind in _NESTED.items()}
     del plan["model"]
     out = Path(out_dir)
     stages = {name: LoggedStage(**{"out_dir": out / name, "progress": None, **plan.pop(name), **nested[name]})

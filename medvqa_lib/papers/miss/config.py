@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medvqa_lib.config import Profile
-from medvqa_lib.errors import ConfigError
+from medvqa_lib.config import Profile, checked, plan_of
 from medvqa_lib.experiments.generative import StageSettings
 
 __all__ = ["PLANS", "MISSConfig", "MISSStudy", "study_plan"]
@@ -62,7 +61,7 @@ class MISSConfig:
     def from_profile(cls, profile: str | Profile, **overrides: Any) -> MISSConfig:
         """The model of ``PLANS[profile]["model"]`` (a name or a :class:`Profile`, of which only
         the name is used) with ``overrides`` applied."""
-        values = dict(_plan(profile)["model"])
+        values = dict(plan_of(PLANS, profile, "MISS")["model"])
         values.update(overrides)
         return cls(**values)
 
@@ -137,27 +136,8 @@ PLANS: dict[str, dict[str, Any]] = {
 _NESTED = ("model", "pretrain", "finetune")
 
 
-def _plan(profile: str | Profile) -> dict[str, Any]:
-    name = getattr(profile, "name", profile)
-    if name not in PLANS:
-        raise ConfigError(f"no MISS plan for profile {name!r}; choose one of {', '.join(PLANS)}")
-    return PLANS[name]
 
 
-def _checked(what: str, values: Mapping[str, Any], valid: set[str]) -> dict[str, Any]:
-    """``values`` without its None entries; a ConfigError names the valid keys on an unknown one."""
-    bad = sorted(set(values) - valid)
-    if bad:
-        raise ConfigError(f"unknown {what} {', '.join(map(repr, bad))}; valid ones are: {', '.join(sorted(valid))}")
-    return _drop_none(values)
-
-
-def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def study_plan(profile: Profile, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
@@ -170,18 +150,18 @@ def study_plan(profile: Profile, out_dir: str | Path, overrides: Mapping[str, An
     unknown key raises a :class:`ConfigError` that names the valid ones. Seeds default to the
     profile's.
     """
-    plan = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _plan(profile).items()}
-    given = _checked("MISS study parameter(s)", fields, _fields(MISSStudy))
-    for key, value in _checked("MISS study parameter(s)", dict(overrides or {}), _fields(MISSStudy)).items():
+    plan = plan_of(PLANS, profile, "MISS")
+    given = checked("MISS study parameter(s)", fields, MISSStudy)
+    for key, value in checked("MISS study parameter(s)", overrides, MISSStudy).items():
         if key in _NESTED and isinstance(value, Mapping):  # merged key by key; None keeps what is there
-            merged = _drop_none(given.get(key) or {})
+            merged = {k: v for k, v in (given.get(key) or {}).items() if v is not None}
             merged.update({k: v for k, v in value.items() if v is not None or k not in merged})
             value = merged
         given[key] = value
-    model = _checked("MISS model parameter(s)", given.pop("model", None) or {}, _fields(MISSConfig))
+    model = checked("MISS model parameter(s)", given.pop("model", None), MISSConfig)
     stages = {}
     for stage in ("pretrain", "finetune"):
-        changes = _checked(f"{stage} setting(s)", given.pop(stage, None) or {}, _fields(StageSettings))
+        changes = checked(f"{stage} setting(s)", given.pop(stage, None), StageSettings)
         stages[stage] = StageSettings(**{"out_dir": Path(out_dir) / stage, "progress": None,
                                          **plan.pop(stage), **changes})
     for key in ("seeds", "transcap_fractions"):

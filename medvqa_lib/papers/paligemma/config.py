@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvqa_lib.config import checked, plan_of
 from medvqa_lib.errors import ConfigError, unknown_name
 
 __all__ = ["HUB_MODELS", "LM_TARGETS", "VISION_TARGETS", "OFFLINE_MIXES", "PaliGemmaSpec",
@@ -140,11 +141,6 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_keys(given: dict[str, Any], valid: set[str], what: str) -> None:
-    bad = sorted(set(given) - valid)
-    if bad:
-        raise ConfigError(f"unknown {what} key(s) {', '.join(bad)}; valid keys are: {', '.join(sorted(valid))}")
-
 
 def study_plan(profile: Any, out_dir: str | Path | None = None, **overrides: Any) -> PaliGemmaStudy:
     """The study of ``profile`` (a :class:`~medvqa_lib.config.Profile` or its name).
@@ -153,16 +149,11 @@ def study_plan(profile: Any, out_dir: str | Path | None = None, **overrides: Any
     :class:`PaliGemmaSpec` fields; a value of ``None`` keeps the plan's. An unknown key raises
     :class:`~medvqa_lib.errors.ConfigError` naming the valid ones. Lists become tuples.
     """
-    name = getattr(profile, "name", profile)
-    if name not in PLANS:
-        raise unknown_name("PaliGemma study profile", name, PLANS)
-    plan = dict(PLANS[name])
+    plan = plan_of(PLANS, profile, "PaliGemma")
     model = dict(plan.pop("model"))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    model_over = {k: v for k, v in (overrides.pop("model", None) or {}).items() if v is not None}
     study_keys = {f.name for f in dataclasses.fields(PaliGemmaStudy)} - {"spec", "out_dir"}
-    _check_keys(overrides, study_keys | {"model"}, "PaliGemma study")
-    _check_keys(model_over, {f.name for f in dataclasses.fields(PaliGemmaSpec)}, "PaliGemma model")
+    overrides = checked("PaliGemma study key(s)", overrides, study_keys | {"model"})
+    model_over = checked("PaliGemma model key(s)", overrides.pop("model", None), PaliGemmaSpec)
     spec = PaliGemmaSpec(**{**model, **model_over})
     plan.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()})
     return PaliGemmaStudy(spec=spec, out_dir=None if out_dir is None else Path(out_dir), **plan)
