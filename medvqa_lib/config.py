@@ -34,7 +34,7 @@ class Profile:
     synthetic_images: int
     synthetic_labelled: int
     #: side of the synthetic images in pixels (a model's own input size lives in its paper's PLANS)
-    image_size: int
+    synthetic_image_size: int
     #: "tiny" (random, 2 layers), "minilm" (offline pretrained), "bert-base-uncased" (hub)
     text_backbone: str
     #: hard cap on training questions per dataset (None = all)
@@ -59,7 +59,7 @@ PROFILES: dict[str, Profile] = {
         description="tiny models, a few steps, synthetic data: seconds per notebook (CI)",
         synthetic_images=120,
         synthetic_labelled=40,
-        image_size=64,
+        synthetic_image_size=64,
         text_backbone="tiny",
         max_train_samples=256,
         max_eval_samples=128,
@@ -72,7 +72,7 @@ PROFILES: dict[str, Profile] = {
         description="a 2-core laptop: small models, MiniLM text side, minutes per chapter",
         synthetic_images=2000,
         synthetic_labelled=500,
-        image_size=128,
+        synthetic_image_size=128,
         text_backbone="minilm",
         max_train_samples=None,
         max_eval_samples=None,
@@ -85,7 +85,7 @@ PROFILES: dict[str, Profile] = {
         description="the papers' own model sizes and schedules (Colab GPU and up)",
         synthetic_images=20000,
         synthetic_labelled=5000,
-        image_size=224,
+        synthetic_image_size=224,
         text_backbone="auto",
         max_train_samples=None,
         max_eval_samples=None,
@@ -129,7 +129,7 @@ def _check_keys(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validated(p: Profile) -> Profile:
-    positive = ("synthetic_images", "image_size", "batch_size", "bootstrap_resamples")
+    positive = ("synthetic_images", "synthetic_image_size", "batch_size", "bootstrap_resamples")
     for name in positive:
         value = getattr(p, name)
         if not isinstance(value, int) or value <= 0:
@@ -142,8 +142,9 @@ def _validated(p: Profile) -> Profile:
         value = getattr(p, name)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"profile parameter {name} must be None or a positive integer, got {value!r}")
-    if p.image_size % 16:
-        raise ConfigError(f"profile parameter image_size must be a multiple of 16 (patch size), got {p.image_size}")
+    if p.synthetic_image_size % 16:
+        raise ConfigError("profile parameter synthetic_image_size must be a multiple of 16 (patch size), "
+                          f"got {p.synthetic_image_size}")
     if p.precision not in PRECISIONS:
         raise ConfigError(f"profile parameter precision must be one of {PRECISIONS}, got {p.precision!r}")
     if p.text_backbone not in TEXT_BACKBONES:

@@ -39,14 +39,14 @@ profile = "gpu"  # "smoke" (CI), "cpu" (laptop), "gpu" (Colab and up)
 data_dir = None  # folder with vqa_rad/ and slake/; None → $MEDVQA_DATA_DIR; "synthetic" → none
 seed = 0
 synthetic_images = None  # None keeps the profile's value
-image_size = None
+synthetic_image_size = None  # pixels of the synthetic images
 bootstrap_resamples = None
 
 # %%
 from medvqa_lib.notebook import setup
 
 ctx = setup(profile, seed, data_dir=data_dir, chapter="data_and_evaluation",
-            synthetic_images=synthetic_images, image_size=image_size,
+            synthetic_images=synthetic_images, synthetic_image_size=synthetic_image_size,
             bootstrap_resamples=bootstrap_resamples)
 prof = ctx.profile
 
@@ -148,7 +148,7 @@ for name, splits in suite.items():
 from medvqa_lib.data.synthetic import load_synthetic_labelled
 
 labelled = {"synthetic X-rays": load_synthetic_labelled(n_labelled=prof.synthetic_labelled,
-                                                        image_size=prof.image_size, seed=seed)}
+                                                        image_size=prof.synthetic_image_size, seed=seed)}
 if root is not None and "slake" in suite:
     from medvqa_lib.data import load_slake_detection
 

@@ -126,7 +126,7 @@ print(f"stage 1: {stage1_name} · target: {target_name} · "
 from medvqa_lib.data.synthetic import load_synthetic_captions
 
 captions = [c for c in load_synthetic_captions(n_images=ctx.profile.synthetic_images,
-                                               image_size=ctx.profile.image_size, seed=ctx.seed)
+                                               image_size=ctx.profile.synthetic_image_size, seed=ctx.seed)
             if c.split == "train"]
 generator = QAGenerator(study.qa_backend, cache_dir=out / "qa_cache", prompt=study.qa_prompt)
 caption_counts, anneal_counts = CurationCounts(), CurationCounts()

@@ -7,7 +7,7 @@ from medvqa_lib.errors import ConfigError, UnknownNameError
 def test_profiles_scale_up():
     smoke, cpu, gpu = (PROFILES[n] for n in ("smoke", "cpu", "gpu"))
     assert smoke.synthetic_images < cpu.synthetic_images < gpu.synthetic_images
-    assert smoke.image_size <= cpu.image_size <= gpu.image_size
+    assert smoke.synthetic_image_size <= cpu.synthetic_image_size <= gpu.synthetic_image_size
     assert len(cpu.seeds) >= 3 and len(gpu.seeds) >= 3
 
 
@@ -17,10 +17,10 @@ def test_unknown_profile_lists_choices():
 
 
 def test_overrides_apply_and_none_keeps_default():
-    p = get_profile("smoke", image_size=32, synthetic_images=None, seeds=[1, 2])
-    assert p.image_size == 32 and p.seeds == (1, 2)
+    p = get_profile("smoke", synthetic_image_size=32, synthetic_images=None, seeds=[1, 2])
+    assert p.synthetic_image_size == 32 and p.seeds == (1, 2)
     assert p.synthetic_images == PROFILES["smoke"].synthetic_images
-    assert PROFILES["smoke"].image_size == 64  # the registry is not mutated
+    assert PROFILES["smoke"].synthetic_image_size == 64  # the registry is not mutated
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_overrides_apply_and_none_keeps_default():
     [
         ({"batchsize": 3}, "unknown profile parameter\\(s\\) batchsize"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-        ({"image_size": 100}, "image_size must be a multiple of 16"),
+        ({"synthetic_image_size": 100}, "synthetic_image_size must be a multiple of 16"),
         ({"precision": "fp8"}, "precision must be one of"),
         ({"max_train_samples": -1}, "max_train_samples must be None or a positive integer"),
         ({"text_backbone": "gpt"}, "text_backbone must be one of"),

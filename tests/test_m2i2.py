@@ -94,7 +94,7 @@ def test_profiles():
     # profile's (that one sizes the synthetic images only)
     assert M2I2Config.from_profile(get_profile("gpu")).image_size == 256
     assert M2I2Config.from_profile(get_profile("gpu")).text_backbone == get_profile("gpu").text_backbone
-    assert M2I2Config.from_profile(get_profile("cpu", image_size=64)).image_size == cpu.image_size == 96
+    assert M2I2Config.from_profile(get_profile("cpu", synthetic_image_size=64)).image_size == cpu.image_size == 96
     with pytest.raises(ValueError, match="mask_ratio"):
         M2I2Config(mask_ratio=0.0)
     with pytest.raises(ConfigError, match="unknown profile 'tpu': there is no M2I2 plan for it; choose one of smoke, cpu, gpu"):

@@ -5,7 +5,7 @@ from medvqa_lib.errors import ConfigError, UnknownNameError
 
 
 def test_setup_prints_versions_device_and_profile(capsys):
-    ctx = notebook.setup("smoke", seed=3, data_dir="synthetic", image_size=None)
+    ctx = notebook.setup("smoke", seed=3, data_dir="synthetic", synthetic_image_size=None)
     out = capsys.readouterr().out
     assert ctx.profile.name == "smoke" and ctx.seed == 3 and ctx.device == "cpu"
     assert "torch" in out and "transformers" in out and "medvqa-lib" in out

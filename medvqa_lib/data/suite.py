@@ -30,7 +30,7 @@ def load_suite(profile: Profile, root: Path | None, *, synthetic: bool = True, h
     if synthetic:
         suite["synthetic"] = {
             split: load_vqa("synthetic", split, n_images=profile.synthetic_images,
-                            image_size=profile.image_size, seed=seed)
+                            image_size=profile.synthetic_image_size, seed=seed)
             for split in SPLITS
         }
     for name in profile.real_datasets:

@@ -26,7 +26,7 @@ def caption_pairs(profile: Profile, n: int, seed: int = 0, root: Path | None = N
     else:
         from medvqa_lib.data.synthetic import load_synthetic_captions
 
-        pairs = load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.image_size,
+        pairs = load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.synthetic_image_size,
                                         seed=seed)
         source = "synthetic captions (stand-in for ROCO)"
     rng = np.random.default_rng(seed)

@@ -135,7 +135,7 @@ def pretraining_corpus(profile: Profile, suite: Mapping[str, Mapping[str, Sequen
     elif study.pretrain_vqa == "synthetic":
         from medvqa_lib.data.synthetic import load_synthetic_vqa
 
-        synthetic = load_synthetic_vqa("train", n_images=profile.synthetic_images, image_size=profile.image_size,
+        synthetic = load_synthetic_vqa("train", n_images=profile.synthetic_images, image_size=profile.synthetic_image_size,
                                        seed=seed)
         vqa = cap(synthetic, study.pretrain_vqa_limit, seed)
         sources["vqa"] = "synthetic template questions (stand-in for PMC-VQA)"

@@ -183,7 +183,7 @@ def _paligemma(profile: Profile, plan: ComparisonPlan, splits: Mapping[str, list
     if not study.spec.is_tiny:
         raise ValueError("PaliGemma's pre-training amount can only be varied for the tiny stand-in model "
                          "(the Hub checkpoint comes pre-trained)")
-    captions = [c for c in load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.image_size,
+    captions = [c for c in load_synthetic_captions(n_images=profile.synthetic_images, image_size=profile.synthetic_image_size,
                                                    seed=seed) if c.split == "train"]
     captions = cap(captions, plan.efficiency_pairs, seed)
     texts = [f"answer en {s.question}" for s in splits["train"]] + [str(s.answer) for s in splits["train"]] + \

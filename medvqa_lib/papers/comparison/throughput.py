@@ -84,7 +84,7 @@ def _samples(profile: Profile, n: int, seed: int) -> list[Any]:
     from medvqa_lib.data.synthetic import load_synthetic_vqa
 
     size = max(32, min(profile.synthetic_images, n * 2))
-    items = load_synthetic_vqa("train", n_images=size, image_size=profile.image_size, seed=seed)
+    items = load_synthetic_vqa("train", n_images=size, image_size=profile.synthetic_image_size, seed=seed)
     while len(items) < n:  # few images: repeat the questions
         items = items + items
     return items[:n]

@@ -60,7 +60,7 @@ def transcap_pool(profile: Profile, suite: Mapping[str, Any], root: Path | None 
     from medvqa_lib.data.synthetic import load_synthetic_labelled
     from medvqa_lib.transcap import pretraining_items
 
-    items = load_synthetic_labelled(n_labelled=profile.synthetic_labelled, image_size=profile.image_size,
+    items = load_synthetic_labelled(n_labelled=profile.synthetic_labelled, image_size=profile.synthetic_image_size,
                                     seed=seed)
     return pretraining_items(items, (split,)), f"synthetic RSNA-like chest X-rays ({split} images)"
 
