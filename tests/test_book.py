@@ -63,3 +63,11 @@ def test_data_chapter_on_real_data(tmp_path):
     results = root / "_build" / "results" / "smoke" / "data_and_evaluation"
     stats = (results / "split_statistics.csv").read_text()
     assert "vqa-rad,test,203,451" in stats and "slake,test,96,1061" in stats
+
+
+@pytest.mark.slow
+def test_chapters_put_each_equation_next_to_its_code(built_book):
+    root, _ = built_book
+    html = (root / "_build" / "html" / "notebooks" / "02_m2i2.html").read_text()
+    assert "medvqa_lib.papers.m2i2.losses.mim_loss" in html and "masked patches" in html
+    assert "medvqa_lib.papers.m2i2.mae.MAEDecoder" in html  # the decoder's source, shown on the page
