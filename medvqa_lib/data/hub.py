@@ -63,8 +63,13 @@ def _hf_home() -> Path:
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
+    return Path(os.environ.get("HF_HUB_CACHE", _hf_home() / "hub")).expanduser()
+
+
 def _cache_folders(repo_id: str) -> list[Path]:
-    hub = Path(os.environ.get("HF_HUB_CACHE", _hf_home() / "hub")).expanduser()
+    hub = hub_cache_dir()
     sets = Path(os.environ.get("HF_DATASETS_CACHE", _hf_home() / "datasets")).expanduser()
     return [hub / f"datasets--{repo_id.replace('/', '--')}", sets / repo_id.replace("/", "___")]
 

@@ -209,14 +209,11 @@ def _model_source(model: str) -> str:
     return model
 
 
-def _hub_cache() -> Path:
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    return Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
-
-
 def _cached_snapshot(model: str) -> str | None:
     """The snapshot folder of ``model`` in the Hugging Face cache (main revision first)."""
-    folder = _hub_cache() / f"models--{model.replace('/', '--')}"
+    from medvqa_lib.data.hub import hub_cache_dir
+
+    folder = hub_cache_dir() / f"models--{model.replace('/', '--')}"
     ref = folder / "refs" / "main"
     candidates = [folder / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
     candidates += sorted((folder / "snapshots").glob("*")) if folder.is_dir() else []
