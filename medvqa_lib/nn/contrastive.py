@@ -69,9 +69,10 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_all: Tensor, text
              temp: Tensor | float, sim_targets: Tensor | None = None, alpha: float = 0.0,
              image_feat_m: Tensor | None = None, text_feat_m: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Image-text contrastive loss, Eqs. 2-3: softmax similarities of each image to all texts
-    (batch + queue) and of each text to all images, cross-entropy against the targets,
-    averaged over both directions.
+    """Image-text contrastive loss (ALBEF's ITC; MISS's Eqs. 2-3, M2I2's ITC): softmax
+    similarities of each image to all texts (batch + queue) and of each text to all images,
+    cross-entropy against the targets, averaged over both directions:
+    ``L = 1/2 E[H(y_i2t, p_i2t) + H(y_t2i, p_t2i)]``.
 
     ``*_feat`` are the (B, E) online features, ``*_feat_all`` the (B+M, E) momentum features of
     the batch followed by the queue. ``sim_targets`` (B, B+M) defaults to the diagonal (pair i
